@@ -1,0 +1,1 @@
+"""The AI consumer group over chat.requests: streams answers chunk by chunk."""

@@ -1,0 +1,213 @@
+"""One message, from claim to its single terminal event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from ai_consumer.interrupt import until_set
+from ai_consumer.llm import Provider, ProviderError
+from ai_consumer.registry import LocalStream, Registry
+from ai_consumer.sink import Outgoing, Sink
+from chatpipe.errors import ChatpipeError
+from chatpipe.keys import cancel_record_key
+from chatpipe.metrics import Metrics
+from chatpipe.schemas import ChatRequest, rfc3339, utcnow
+from chatpipe.settings import Settings
+from chatpipe.state import State
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return rfc3339(utcnow())
+
+
+class Handler:
+    def __init__(
+        self,
+        settings: Settings,
+        state: State,
+        sink: Sink,
+        producer: AIOKafkaProducer,
+        provider: Provider,
+        registry: Registry,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        self.state = state
+        self.sink = sink
+        self.producer = producer
+        self.provider = provider
+        self.registry = registry
+        self.metrics = metrics
+
+    def _event(
+        self, req: ChatRequest, kind: str, seq: int, at: str, **extra: Any
+    ) -> dict[str, Any]:
+        value: dict[str, Any] = {
+            "schema_version": 1,
+            "type": kind,
+            "message_id": req.message_id,
+            "session_id": req.session_id,
+            "seq": seq,
+            "instance_id": self.instance_id,
+            "at": at,
+        }
+        value.update(extra)
+        return value
+
+    async def handle(self, req: ChatRequest, traceparent: str | None = None) -> str:
+        """Run `req` to its end. Returns what happened: a final state, or `skipped`."""
+        ids = {"message_id": req.message_id, "session_id": req.session_id}
+        while True:
+            claim = await self.state.claim(
+                req.message_id, req.session_id, req.user_id, self.instance_id, _now()
+            )
+            if claim.outcome == "final":
+                log.info("already %s, skipped", claim.detail, extra=ids)
+                return "skipped"
+            if claim.outcome != "owned":
+                break
+            # another live instance streams it (a redelivery after a rebalance): wait until it
+            # ends, or until its lease lapses and we take over
+            await asyncio.sleep(self.settings.lease_ms / 2000)
+
+        stream = self.registry.start(req.message_id, req.session_id)
+        self.metrics.active_streams.inc()
+        try:
+            return await self._run(
+                req, stream, claim.next_seq, claim.restart, claim.outcome == "cancel", traceparent
+            )
+        finally:
+            self.metrics.active_streams.dec()
+            self.registry.end(req.message_id)
+
+    async def _run(
+        self,
+        req: ChatRequest,
+        stream: LocalStream,
+        seq: int,
+        restart: bool,
+        cancelled_before_start: bool,
+        traceparent: str | None,
+    ) -> str:
+        ids = {"message_id": req.message_id, "session_id": req.session_id}
+        if restart:
+            self.metrics.lease_takeovers.inc()
+            log.warning("taking over a stream whose owner's lease lapsed", extra=ids)
+        if cancelled_before_start or stream.cancelled.is_set():
+            log.info("cancelled before its first token, never started", extra=ids)
+            return await self._finish(
+                req, stream, "cancelled", "cancelled by user", seq, traceparent
+            )
+
+        started_at = time.monotonic()
+        at = _now()
+        kind = "restart" if restart else "started"
+        extra = {"restart": True} if restart else {}
+        try:
+            await self.sink.emit(
+                Outgoing(
+                    req.message_id,
+                    req.session_id,
+                    kind,
+                    seq,
+                    {"seq": seq, "at": at},
+                    "chat.started",
+                    self._event(req, "chat.started", seq, at, **extra),
+                    traceparent,
+                )
+            )
+        except ChatpipeError as e:
+            return await self._finish(req, stream, "failed", str(e), seq + 1, traceparent)
+        seq += 1
+
+        wanted, reason, chunks = "completed", "", 0
+        try:
+            async with contextlib.aclosing(
+                until_set(self.provider.stream(req), stream.cancelled)
+            ) as tokens:
+                async for delta in tokens:
+                    at = _now()
+                    if chunks == 0:
+                        self.metrics.ttft.observe(time.monotonic() - started_at)
+                    flagged = await self.sink.emit(
+                        Outgoing(
+                            req.message_id,
+                            req.session_id,
+                            "chunk",
+                            seq,
+                            {"seq": seq, "delta": delta, "at": at},
+                            "chat.chunk",
+                            self._event(req, "chat.chunk", seq, at, delta=delta),
+                            traceparent,
+                        )
+                    )
+                    seq += 1
+                    chunks += 1
+                    self.metrics.chunks.inc()
+                    if flagged:
+                        stream.cancelled.set()
+                        break
+            if stream.lost:
+                log.warning("lease lost to another instance; leaving the message to it", extra=ids)
+                return "skipped"
+            if stream.cancelled.is_set():
+                wanted, reason = "cancelled", "cancelled by user"
+                log.info("cancel received, stream stopped after %d chunks", chunks, extra=ids)
+        except ProviderError as e:
+            wanted, reason = "failed", e.reason
+            log.warning("upstream failed: %s", e.reason, extra=ids)
+        except ChatpipeError as e:
+            wanted, reason = "failed", str(e)
+            log.warning("stream failed: %s", e, extra=ids)
+        return await self._finish(req, stream, wanted, reason, seq, traceparent, chunks)
+
+    async def _finish(
+        self,
+        req: ChatRequest,
+        stream: LocalStream,
+        wanted: str,
+        reason: str,
+        seq: int,
+        traceparent: str | None,
+        chunks: int = 0,
+    ) -> str:
+        ids = {"message_id": req.message_id, "session_id": req.session_id}
+        result = await self.state.finish(
+            req.message_id, req.session_id, self.instance_id, wanted, reason, seq, _now()
+        )
+        if result.already:
+            log.info(
+                "already final (%s) when finishing, no terminal event", result.state, extra=ids
+            )
+            return "skipped"
+        final = result.state
+        if final == "cancelled" and stream.cancel_requested_at is not None:
+            self.metrics.cancel_latency.observe(max(0.0, time.time() - stream.cancel_requested_at))
+        self.metrics.messages.labels(final).inc()
+        extra: dict[str, Any] = {"usage": {"completion_tokens": chunks, "chunks": chunks}}
+        if result.reason:
+            extra["reason"] = result.reason
+        await self.sink.publish(
+            req.session_id,
+            f"chat.{final}",
+            self._event(req, f"chat.{final}", seq, _now(), **extra),
+            traceparent,
+        )
+        if final == "cancelled":
+            # the cancel has done its work: tombstone it so the compacted topic forgets it
+            await self.producer.send(
+                self.settings.cancels_topic,
+                None,
+                key=cancel_record_key(req.session_id, req.message_id).encode(),
+            )
+        log.info("message %s", final, extra={**ids, "chunks": chunks})
+        return final

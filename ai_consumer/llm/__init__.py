@@ -1,0 +1,28 @@
+"""LLM providers behind one small interface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from chatpipe.schemas import ChatRequest
+
+
+class ProviderError(Exception):
+    """The upstream failed; `reason` is shown to the user in the `failed` event."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Provider(Protocol):
+    """Streams the answer to one request as text deltas.
+
+    The caller may stop iterating at any time (a cancel, a shutdown) and then closes the
+    generator with `aclose()`; a provider releases its upstream (closes the HTTP stream) there.
+    """
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,90 @@
+"""The embedded simulator: deterministic text at a configurable pace, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+from chatpipe.schemas import ChatRequest
+
+WORDS = [
+    "the",
+    "pipeline",
+    "streams",
+    "every",
+    "token",
+    "through",
+    "Kafka",
+    "and",
+    "Redis",
+    "so",
+    "that",
+    "any",
+    "instance",
+    "can",
+    "serve",
+    "the",
+    "answer",
+    "and",
+    "any",
+    "instance",
+    "can",
+    "stop",
+    "it",
+    "on",
+    "the",
+    "first",
+    "click",
+    "while",
+    "the",
+    "model",
+    "keeps",
+    "its",
+    "promise",
+    "of",
+    "order",
+    "per",
+    "session",
+    "and",
+    "exactly",
+    "one",
+    "final",
+    "event",
+    "for",
+    "every",
+    "message",
+    "it",
+    "accepted",
+]
+
+
+def simulated_tokens(request: ChatRequest, count: int) -> list[str]:
+    """The deterministic answer to `request`: same message, same text."""
+    digest = hashlib.sha256(request.message.encode()).digest()
+    start = digest[0] % len(WORDS)
+    return [("" if i == 0 else " ") + WORDS[(start + i) % len(WORDS)] for i in range(count)]
+
+
+class SimulatedProvider:
+    def __init__(self, tokens: int, token_delay_ms: float, first_token_delay_ms: float) -> None:
+        self.tokens = tokens
+        self.delay = token_delay_ms / 1000
+        self.first_delay = first_token_delay_ms / 1000
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str]:
+        opts = request.options
+        count = opts.max_tokens if opts and opts.max_tokens else self.tokens
+        loop = asyncio.get_running_loop()
+        # pace against a schedule, not by chaining sleeps, so the rate holds under load
+        due = loop.time() + self.first_delay
+        for i, token in enumerate(simulated_tokens(request, count)):
+            if i:
+                due += self.delay
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            yield token
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,308 @@
+"""The ai_consumer worker: one Kafka consumer, session lanes, offsets, leases, shutdown.
+
+Shape after arq's Worker: `run()` until `request_stop()` (what a signal handler calls), then a
+graceful drain. The consume loop never blocks on a stream: records go to session lanes; when
+the lanes hold `buffer_limit` records the assigned partitions are paused (getmany keeps the
+group membership alive) and resumed at half of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
+from redis.exceptions import RedisError
+
+from ai_consumer.handler import Handler
+from ai_consumer.lanes import Lanes, Work
+from ai_consumer.offsets import PartitionOffsets
+from ai_consumer.registry import Registry
+from chatpipe.codec import header, parse_request
+from chatpipe.errors import ChatpipeError, InvalidRecord
+from chatpipe.metrics import Metrics
+from chatpipe.schemas import rfc3339, utcnow
+from chatpipe.settings import Settings
+from chatpipe.state import State
+
+log = logging.getLogger(__name__)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.worker.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.worker.on_assigned(set(assigned))
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        state: State,
+        handler: Handler,
+        registry: Registry,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.producer = producer
+        self.state = state
+        self.handler = handler
+        self.registry = registry
+        self.metrics = metrics
+        self.offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self.lanes = Lanes(settings.max_concurrent_streams, self._run_work, self._finished)
+        self.paused = False
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the group gave us partitions
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Only flips state: safe from a signal handler."""
+        self._stopping.set()
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe([self.settings.requests_topic], listener=_Rebalance(self))
+
+    async def run(self) -> None:
+        self.subscribe()
+        background = [
+            asyncio.create_task(self._commit_loop(), name="commits"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
+        ]
+        try:
+            await self._consume_loop()
+            await self._drain()
+        finally:
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.commit()
+
+    async def _drain(self) -> None:
+        """Graceful shutdown: start nothing new, give running streams the grace period, then
+        hand the rest over (release our leases; the offsets stay uncommitted, so the group
+        redelivers them and the next owner restarts them with a `restart` event)."""
+        self.lanes.stop_accepting()
+        running = len(self.registry.running)
+        log.info(
+            "stopping: %d streams running, grace %.1fs", running, self.settings.shutdown_grace_s
+        )
+        if await self.lanes.wait_idle(self.settings.shutdown_grace_s):
+            return
+        handed = list(self.registry.running.values())
+        await self.lanes.cancel_all()
+        if handed:
+            keys = [self.state.keys.lease(s.message_id) for s in handed]
+            try:
+                await self.state.redis.delete(*keys)
+            except RedisError as e:
+                log.warning(
+                    "could not release leases (they lapse in %d ms): %s", self.settings.lease_ms, e
+                )
+        log.warning("handed over %d streams still running after the grace period", len(handed))
+
+    # --- consuming ---------------------------------------------------------------------
+    async def _consume_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=500)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fetch failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            if batch:
+                await self._take(batch)
+            self._backpressure()
+
+    async def _take(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        works: list[Work] = []
+        for tp, records in batch.items():
+            offsets = self.offsets.get(tp)
+            if offsets is None:  # revoked between fetch and now
+                continue
+            for record in records:
+                offsets.add(record.offset)
+                try:
+                    request = parse_request(record.value)
+                except InvalidRecord as e:
+                    await self._dead_letter(record, e)
+                    offsets.done(record.offset)
+                    continue
+                works.append(
+                    Work(tp, record.offset, request, header(record.headers, "traceparent"))
+                )
+        if works:
+            await self._observe(works)
+        for work in works:
+            self.lanes.submit(work)
+
+    async def _observe(self, works: list[Work]) -> None:
+        """Make consumed requests visible as `queued` (a request produced straight to Kafka has
+        no state yet), so SSE readers and cancels find them while they wait in a lane."""
+        now = rfc3339(utcnow())
+        for attempt in range(50):
+            try:
+                async with self.state.redis.pipeline(transaction=False) as pipe:
+                    for w in works:
+                        r = w.request
+                        await self.state.observe(pipe, r.message_id, r.session_id, r.user_id, now)
+                    await pipe.execute()
+                return
+            except RedisError as e:
+                log.warning(
+                    "redis unavailable while taking records (attempt %d): %s", attempt + 1, e
+                )
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+
+    async def _dead_letter(
+        self, record: ConsumerRecord[bytes, bytes], error: InvalidRecord
+    ) -> None:
+        headers: list[tuple[str, bytes]] = [
+            ("dlq-reason", error.reason.encode()),
+            ("dlq-kind", error.kind.encode()),
+            ("dlq-source-topic", record.topic.encode()),
+            ("dlq-source-partition", str(record.partition).encode()),
+            ("dlq-source-offset", str(record.offset).encode()),
+            ("dlq-instance", self.settings.instance_id.encode()),
+        ]
+        headers += [
+            (f"original-{k}", v if isinstance(v, bytes) else b"") for k, v in record.headers or ()
+        ]
+        log.warning(
+            "record %s-%d@%d sent to the DLQ: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            error.reason,
+        )
+        self.metrics.dlq.labels(error.kind).inc()
+        await self.producer.send_and_wait(
+            self.settings.dlq_topic, record.value, key=record.key, headers=headers
+        )
+
+    def _backpressure(self) -> None:
+        size = len(self.lanes)
+        self.metrics.buffered.set(self.lanes.waiting)
+        limit = self.settings.buffer_limit
+        assigned = list(self.consumer.assignment())
+        if not self.paused and size >= limit:
+            self.consumer.pause(*assigned)
+            self.paused = True
+            self.metrics.paused.set(1)
+            log.info("paused fetching: %d requests in lanes (limit %d)", size, limit)
+        elif self.paused and size <= limit // 2:
+            self.consumer.resume(*assigned)
+            self.paused = False
+            self.metrics.paused.set(0)
+            log.info("resumed fetching: %d requests in lanes", size)
+
+    async def _run_work(self, work: Work) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.handler.handle(work.request, work.traceparent)
+                return
+            except (RedisError, ChatpipeError) as e:
+                if self._stopping.is_set():
+                    raise
+                log.warning(
+                    "redis unavailable, retrying message in %.1fs: %s",
+                    delay,
+                    e,
+                    extra={"message_id": work.request.message_id},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _finished(self, work: Work) -> None:
+        offsets = self.offsets.get(work.tp)
+        if offsets is not None:
+            offsets.done(work.offset)
+
+    # --- offsets and rebalances --------------------------------------------------------
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        todo: dict[TopicPartition, int] = {}
+        for tp, offsets in self.offsets.items():
+            if only is not None and tp not in only:
+                continue
+            offset = offsets.committable()
+            if offset is not None:
+                todo[tp] = offset
+            self.metrics.partition_backlog.labels(str(tp.partition)).set(len(offsets))
+        if not todo:
+            return
+        try:
+            await self.consumer.commit(todo)
+        except Exception as e:
+            log.warning("offset commit failed (will retry): %s", e)
+            return
+        self.metrics.commits.inc()
+        for tp, offset in todo.items():
+            self.offsets[tp].committed(offset)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval_ms / 1000)
+            await self.commit()
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        dropped = self.lanes.drop_partitions(revoked)
+        await self.commit(revoked)
+        for tp in revoked:
+            self.offsets.pop(tp, None)
+        log.info(
+            "partitions revoked: %s (%d queued records left to the next owner)",
+            sorted(tp.partition for tp in revoked),
+            dropped,
+        )
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            self.offsets.setdefault(tp, PartitionOffsets())
+        if self.paused:
+            self.consumer.pause(*assigned)
+        log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        self.ready.set()
+
+    # --- leases ------------------------------------------------------------------------
+    async def _lease_loop(self) -> None:
+        """Refresh the leases (and the seed's active keys) of every stream running here."""
+        interval = self.settings.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            owned = [(s.message_id, s.session_id) for s in self.registry.running.values()]
+            try:
+                lost = await self.state.refresh_leases(owned, self.settings.instance_id)
+            except RedisError as e:
+                log.warning("lease refresh failed: %s", e)
+                continue
+            for i in lost:
+                message_id = owned[i][0]
+                log.warning(
+                    "lost the lease of a running stream; stopping it",
+                    extra={"message_id": message_id},
+                )
+                stream = self.registry.running.get(message_id)
+                if stream is not None:
+                    stream.lost = True
+                    stream.cancelled.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": self.lanes.running, "waiting": self.lanes.waiting, "paused": self.paused}

@@ -1,0 +1,1 @@
+"""The HTTP api: accepts chats and cancels, serves answers as SSE from Redis."""

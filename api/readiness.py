@@ -1,0 +1,39 @@
+"""Readiness: can this process reach Kafka and Redis right now (bounded, cached briefly)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+
+class Readiness:
+    def __init__(self, redis: Redis, producer: AIOKafkaProducer, timeout_s: float = 2.0) -> None:
+        self.redis = redis
+        self.producer = producer
+        self.timeout_s = timeout_s
+        self._cached: tuple[float, dict[str, str]] | None = None
+
+    async def _probe(self, name: str, aw: object) -> str:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await aw  # type: ignore[misc]
+        except TimeoutError:
+            return f"no answer within {self.timeout_s:g}s"
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"[:200]
+        return "ok"
+
+    async def check(self) -> dict[str, str]:
+        now = time.monotonic()
+        if self._cached and now - self._cached[0] < 0.5:
+            return self._cached[1]
+        redis, kafka = await asyncio.gather(
+            self._probe("redis", self.redis.ping()),
+            self._probe("kafka", self.producer.client.fetch_all_metadata()),
+        )
+        result = {"redis": redis, "kafka": kafka}
+        self._cached = (now, result)
+        return result

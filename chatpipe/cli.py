@@ -1,0 +1,64 @@
+"""The `chatpipe` command: `chatpipe topics`, `chatpipe dev`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from chatpipe.errors import ChatpipeError, TopicDrift
+from chatpipe.settings import Settings
+
+
+async def _topics(settings: Settings) -> int:
+    from chatpipe.clients import make_admin
+    from chatpipe.topics import ensure_topics
+
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        report = await ensure_topics(admin, settings)
+    except TopicDrift as e:
+        print(
+            "topics differ from the design (fix them or delete and re-create them):",
+            file=sys.stderr,
+        )
+        for line in str(e).splitlines():
+            print(f"  DRIFT {line}", file=sys.stderr)
+        return 2
+    finally:
+        await admin.close()
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("topics", help="create the v1 topics; report drift in existing ones")
+    dev = sub.add_parser("dev", help="run the whole system locally and print the demo URL")
+    dev.add_argument("--apis", type=int, default=2, help="api processes (ports from API_PORT up)")
+    dev.add_argument("--consumers", type=int, default=3, help="ai_consumer processes")
+    dev.add_argument(
+        "--no-stack", action="store_true", help="use the running Kafka/Redis as they are"
+    )
+    args = parser.parse_args(argv)
+    settings = Settings()
+    try:
+        if args.command == "topics":
+            return asyncio.run(_topics(settings))
+        from chatpipe.devstack import run_dev
+
+        return run_dev(
+            settings, apis=args.apis, consumers=args.consumers, start_stack=not args.no_stack
+        )
+    except ChatpipeError as e:
+        print(f"chatpipe: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

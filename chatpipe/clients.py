@@ -1,0 +1,74 @@
+"""Kafka and Redis client factories. Called from `__main__` / `lifespan`, never at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from chatpipe.settings import Settings
+
+
+def kafka_common(settings: Settings) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": f"chatpipe-{settings.instance_id}",
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "retry_backoff_ms": 100,
+        "metadata_max_age_ms": 30_000,
+        "connections_max_idle_ms": 540_000,
+    }
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """Idempotent producer, acks=all: a 202 and a chunk mean 'in Kafka on every in-sync replica'."""
+    opts: dict[str, Any] = {
+        **kafka_common(settings),
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 2,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": 2 * 1024 * 1024,
+        "compression_type": None,
+    }
+    opts.update(overrides)
+    return AIOKafkaProducer(**opts)
+
+
+def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    opts: dict[str, Any] = {
+        **kafka_common(settings),
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": 100,
+        "max_poll_interval_ms": 300_000,
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 1_000,
+        "isolation_level": "read_uncommitted",
+    }
+    opts.update(overrides)
+    return AIOKafkaConsumer(*topics, **opts)
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=f"chatpipe-admin-{settings.instance_id}",
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+    )
+
+
+def make_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
+    """One pool per process, blocking when exhausted (redis-py's default pool raises instead)."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections or settings.redis_max_connections,
+        timeout=5,
+        socket_connect_timeout=2,
+        socket_keepalive=True,
+        health_check_interval=10,
+        decode_responses=False,
+    )
+    return Redis(connection_pool=pool)

@@ -1,0 +1,56 @@
+"""Every Redis key and Kafka topic name chatpipe uses, in one place (like arq's constants).
+
+With the default empty prefix the keys are the contract's: the seed's two keys verbatim
+(`chat:active:{session_id}`, `chat:cancel:{session_id}:{message_id}`), plus the message state
+and the per-message event stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatpipe.settings import Settings
+
+# Base topic names of contract v1 (the settings may prefix or rename them).
+REQUESTS = "chat.requests"
+CANCELS = "chat.cancels"
+RESPONSES = "chat.responses"
+DLQ = "chat.requests.dlq"
+
+
+def cancel_record_key(session_id: str, message_id: str) -> str:
+    """Key of a record on the compacted cancels topic: one live value per message."""
+    return f"{session_id}:{message_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keys:
+        return cls(settings.key_prefix)
+
+    def active(self, session_id: str) -> str:
+        """message_id streaming now for a session (the seed's key)."""
+        return f"{self.prefix}chat:active:{session_id}"
+
+    def cancel(self, session_id: str, message_id: str) -> str:
+        """The cancel flag, "1" (the seed's key)."""
+        return f"{self.prefix}chat:cancel:{session_id}:{message_id}"
+
+    def msg(self, message_id: str) -> str:
+        """Hash with the message state, owner, session, user."""
+        return f"{self.prefix}chat:msg:{message_id}"
+
+    def stream(self, message_id: str) -> str:
+        """Redis Stream of the SSE events of one message."""
+        return f"{self.prefix}chat:stream:{message_id}"
+
+    def lease(self, message_id: str) -> str:
+        """Ownership lease of an in-flight message: instance_id, PX lease_ms."""
+        return f"{self.prefix}chat:lease:{message_id}"
+
+    def wakeup(self, instance_id: str) -> str:
+        """Private stream an api process writes to wake its own blocked XREAD."""
+        return f"{self.prefix}chat:wakeup:{instance_id}"

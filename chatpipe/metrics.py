@@ -1,0 +1,85 @@
+"""Prometheus metrics of every chatpipe process (one registry per process, built at start)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """All metrics, named `chatpipe_*`. Each process registers only what it moves."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        # api
+        self.http_requests = Counter(
+            "chatpipe_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.sse_clients = Gauge("chatpipe_sse_clients", "Open SSE connections", registry=r)
+        self.sse_events = Counter("chatpipe_sse_events", "SSE events sent", ["event"], registry=r)
+        self.sse_dropped = Counter(
+            "chatpipe_sse_slow_clients_dropped", "SSE clients closed for not keeping up", registry=r
+        )
+        self.cancel_requests = Counter(
+            "chatpipe_cancel_requests", "Cancel requests by answer", ["status"], registry=r
+        )
+        # consumer
+        self.active_streams = Gauge("chatpipe_active_streams", "Streams generating now", registry=r)
+        self.buffered = Gauge(
+            "chatpipe_lane_backlog", "Requests waiting in session lanes", registry=r
+        )
+        self.lanes = Gauge("chatpipe_lanes", "Sessions with queued or running work", registry=r)
+        self.paused = Gauge("chatpipe_partitions_paused", "1 while fetching is paused", registry=r)
+        self.partition_backlog = Gauge(
+            "chatpipe_partition_backlog",
+            "Uncommitted records per partition",
+            ["partition"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "chatpipe_consumer_lag", "Records behind the partition end", ["partition"], registry=r
+        )
+        self.chunks = Counter("chatpipe_chunks", "Chunks produced", registry=r)
+        self.messages = Counter(
+            "chatpipe_messages", "Messages ended, by final state", ["state"], registry=r
+        )
+        self.ttft = Histogram(
+            "chatpipe_time_to_first_token_seconds",
+            "Claim to first chunk",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cancel_latency = Histogram(
+            "chatpipe_cancel_latency_seconds",
+            "Cancel requested_at to the stream's end on the generating instance",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sink_batch = Histogram(
+            "chatpipe_sink_batch_size",
+            "Chunks per Redis round trip",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        self.dlq = Counter(
+            "chatpipe_dlq_records", "Records sent to the DLQ", ["reason"], registry=r
+        )
+        self.lease_takeovers = Counter(
+            "chatpipe_lease_takeovers",
+            "Messages restarted after their owner's lease expired",
+            registry=r,
+        )
+        self.commits = Counter("chatpipe_offset_commits", "Offset commits", registry=r)
+        # listener
+        self.cancels_seen = Counter(
+            "chatpipe_cancels_seen", "Cancel records read", ["source"], registry=r
+        )
+        self.cancels_local = Counter(
+            "chatpipe_cancels_interrupted",
+            "Local streams interrupted by a cancel record",
+            registry=r,
+        )

@@ -1,0 +1,169 @@
+"""Contract v1 messages (design.md §2) as pydantic models.
+
+Output is snake_case. Input also accepts camelCase (a Spring `KafkaTemplate` with Jackson sends
+`sessionId`), ignores unknown fields, and accepts Jackson's numeric timestamps for dates.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+SCHEMA_VERSION = 1
+ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
+
+Id = Annotated[str, Field(pattern=ID_PATTERN, description="1-128 of A-Z a-z 0-9 _ . : @ -")]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class ContractModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="ignore",
+        coerce_numbers_to_str=True,
+        ser_json_timedelta="float",
+    )
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def _aware(value: Any) -> Any:
+    """Read a date without an offset (Jackson's LocalDateTime, hand-written producers) as UTC."""
+    if isinstance(value, str) and value and value[-1].isdigit() and "T" in value:
+        tail = value.split("T", 1)[1]
+        if "+" not in tail and "-" not in tail:
+            return value + "Z"
+    return value
+
+
+class ChatOptions(ContractModel):
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    model: str | None = Field(default=None, max_length=200)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+class ChatRequest(ContractModel):
+    """`chat.request` on chat.requests, key = session_id."""
+
+    schema_version: Literal[1] = 1
+    type: Literal["chat.request"] = "chat.request"
+    message_id: Id
+    session_id: Id
+    user_id: Id | None = None
+    message: str = Field(min_length=1)
+    created_at: AwareDatetime = Field(default_factory=utcnow)
+    options: ChatOptions | None = None
+
+    _created_at_aware = field_validator("created_at", mode="before")(_aware)
+
+
+class ChatCancel(ContractModel):
+    """`chat.cancel` on chat.cancels, key = `{session_id}:{message_id}`; tombstoned once final."""
+
+    schema_version: Literal[1] = 1
+    type: Literal["chat.cancel"] = "chat.cancel"
+    session_id: Id
+    message_id: Id
+    user_id: Id | None = None
+    requested_at: AwareDatetime = Field(default_factory=utcnow)
+    reason: str | None = Field(default=None, max_length=500)
+
+    _requested_at_aware = field_validator("requested_at", mode="before")(_aware)
+
+
+class Usage(ContractModel):
+    completion_tokens: int = 0
+    chunks: int = 0
+
+
+class ResponseEvent(ContractModel):
+    """Common fields of every event on chat.responses, key = session_id."""
+
+    schema_version: Literal[1] = 1
+    message_id: Id
+    session_id: Id
+    seq: int = Field(ge=0, description="0,1,2... per message, strictly increasing")
+    instance_id: str
+    at: AwareDatetime
+
+
+class ChatStarted(ResponseEvent):
+    type: Literal["chat.started"] = "chat.started"
+    restart: bool | None = Field(
+        default=None, description="true when another instance took over a dead owner's stream"
+    )
+
+
+class ChatChunk(ResponseEvent):
+    type: Literal["chat.chunk"] = "chat.chunk"
+    delta: str
+
+
+class ChatCompleted(ResponseEvent):
+    type: Literal["chat.completed"] = "chat.completed"
+    usage: Usage | None = None
+
+
+class ChatCancelled(ResponseEvent):
+    type: Literal["chat.cancelled"] = "chat.cancelled"
+    reason: str | None = None
+    usage: Usage | None = None
+
+
+class ChatFailed(ResponseEvent):
+    type: Literal["chat.failed"] = "chat.failed"
+    reason: str
+    usage: Usage | None = None
+
+
+TerminalEvent = ChatCompleted | ChatCancelled | ChatFailed
+TERMINAL_TYPES = {
+    "chat.completed": "completed",
+    "chat.cancelled": "cancelled",
+    "chat.failed": "failed",
+}
+
+
+# --- HTTP bodies -------------------------------------------------------------------------
+
+
+class ChatBody(ContractModel):
+    """Body of `POST /api/chat` and `POST /api/chat/stream`."""
+
+    session_id: Id
+    message: str = Field(min_length=1, description="the user's text")
+    user_id: Id | None = None
+    message_id: Id | None = Field(default=None, description="chosen by the server when absent")
+    options: ChatOptions | None = None
+
+
+class ChatAccepted(BaseModel):
+    message_id: str
+    session_id: str
+    status: Literal["queued"] = "queued"
+    stream_url: str
+
+
+class CancelBody(ContractModel):
+    session_id: Id
+    message_id: Id
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class CancelResult(BaseModel):
+    status: Literal["cancelled", "completed", "not_found"]
+    message: str
+    message_id: str | None = None

@@ -1,0 +1,314 @@
+"""The Redis state operations of chatpipe, each one atomic (a Lua script) where it decides.
+
+The seed's six operations live on here: register/get/clear the active stream and
+set/check/clear the cancel flag, under the seed's keys. What the seed could not do atomically
+(a cancel racing the end of a stream, two consumers redelivered the same message) is decided in
+one script each, so every message reaches exactly one final state:
+
+    queued --claim--> streaming --finish--> completed | cancelled | failed
+       \\--claim (flag set)--> cancelled        (a cancel before the start wins)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.typing import EncodableT as Arg
+
+from chatpipe.codec import dumps
+from chatpipe.keys import Keys
+from chatpipe.settings import Settings
+
+FINAL_STATES = frozenset({"completed", "cancelled", "failed"})
+CancelAnswer = Literal["cancelled", "completed", "failed", "not_found"]
+
+# ---------------------------------------------------------------------------------------
+# KEYS msg ; ARGV session user now ttl  ->  "ok" | existing state
+ACCEPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then return state end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'session', ARGV[1], 'user', ARGV[2],
+           'created', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 'ok'
+"""
+
+# Seen on chat.requests (also requests produced straight to Kafka by other frontends).
+# KEYS msg ; ARGV session user now ttl -> state
+OBSERVE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then return state end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'session', ARGV[1], 'user', ARGV[2],
+           'created', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 'queued'
+"""
+
+# The api's cancel. KEYS msg cancel ; ARGV session ttl queued_ttl -> answer
+CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'not_found' end
+if redis.call('HGET', KEYS[1], 'session') ~= ARGV[1] then return 'not_found' end
+if state == 'completed' or state == 'failed' or state == 'cancelled' then return state end
+local ttl = ARGV[2]
+if state == 'queued' then ttl = ARGV[3] end
+redis.call('SET', KEYS[2], '1', 'EX', ttl)
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+return 'cancelled'
+"""
+
+# The listener's mirror of a cancel record. Unlike the api's cancel it also flags a message
+# nobody has seen yet (a Spring frontend may cancel before its request is consumed).
+# KEYS msg cancel ; ARGV ttl queued_ttl -> 1 flag set | 0 message already final
+MIRROR_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'completed' or state == 'failed' or state == 'cancelled' then return 0 end
+local ttl = ARGV[2]
+if state == 'streaming' then ttl = ARGV[1] end
+redis.call('SET', KEYS[2], '1', 'EX', ttl)
+return 1
+"""
+
+# KEYS msg lease cancel active stream ; ARGV instance lease_ms session user now msg_ttl active_ttl
+#   -> {'final', state} | {'owned', owner} | {'cancel', restart} | {'start', restart, next_seq}
+CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'completed' or state == 'failed' or state == 'cancelled' then
+  return {'final', state}
+end
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return {'owned', owner} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local restart = 0
+if state == 'streaming' then restart = 1 end
+local next_seq = 0
+local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
+if last[1] then
+  local f = last[1][2]
+  for i = 1, #f, 2 do if f[i] == 's' then next_seq = tonumber(f[i + 1]) + 1 end end
+end
+redis.call('HSET', KEYS[1], 'session', ARGV[3], 'user', ARGV[4], 'owner', ARGV[1])
+if not state then redis.call('HSET', KEYS[1], 'created', ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancel', restart, next_seq} end
+redis.call('HSET', KEYS[1], 'state', 'streaming', 'started', ARGV[5])
+redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[7])
+return {'start', restart, next_seq}
+"""
+
+# KEYS msg lease cancel active stream ; ARGV instance wanted reason seq final_ttl message_id now
+#   maxlen -> {final_state, reason, stream_id} | {'already', state}
+FINISH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'completed' or state == 'failed' or state == 'cancelled' then
+  return {'already', state}
+end
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return {'already', 'owned:' .. owner} end
+local final = ARGV[2]
+local reason = ARGV[3]
+if final ~= 'cancelled' and redis.call('EXISTS', KEYS[3]) == 1 then
+  final = 'cancelled'
+  reason = 'cancelled by user'
+end
+redis.call('HSET', KEYS[1], 'state', final, 'reason', reason, 'finished', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
+redis.call('DEL', KEYS[2], KEYS[3])
+local data = {status = final}
+if reason ~= '' then data['reason'] = reason end
+local id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'e', 'done', 's', ARGV[4],
+                      'd', cjson.encode(data))
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+return {final, reason, id}
+"""
+
+# A lease that vanished (Redis restarted empty) is taken again; one another instance holds is
+# lost. KEYS lease1 active1 lease2 active2 ... ; ARGV instance lease_ms active_ttl -> lost indexes
+REFRESH = """
+local lost = {}
+for i = 1, #KEYS, 2 do
+  local owner = redis.call('GET', KEYS[i])
+  if owner == ARGV[1] or not owner then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    redis.call('EXPIRE', KEYS[i + 1], ARGV[3])
+  else
+    table.insert(lost, (i + 1) / 2)
+  end
+end
+return lost
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    outcome: Literal["final", "owned", "cancel", "start"]
+    detail: str = ""
+    restart: bool = False
+    next_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    state: str
+    reason: str
+    stream_id: str
+    already: bool = False
+
+
+class State:
+    """Redis operations on messages. One instance per process, sharing the Redis pool."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys.from_settings(settings)
+        self._accept = redis.register_script(ACCEPT)
+        self._observe = redis.register_script(OBSERVE)
+        self._cancel = redis.register_script(CANCEL)
+        self._mirror = redis.register_script(MIRROR_CANCEL)
+        self._claim = redis.register_script(CLAIM)
+        self._finish = redis.register_script(FINISH)
+        self._refresh = redis.register_script(REFRESH)
+
+    # --- api ---------------------------------------------------------------------------
+    async def accept(self, message_id: str, session_id: str, user_id: str | None, now: str) -> str:
+        """Record a new message as queued. Returns "ok", or the state of an existing one."""
+        args: list[Arg] = [session_id, user_id or "", now, self.settings.msg_ttl_s]
+        return _s(await self._accept(keys=[self.keys.msg(message_id)], args=args))
+
+    async def forget(self, message_id: str) -> None:
+        """Undo `accept` when the request never reached Kafka."""
+        await self.redis.delete(self.keys.msg(message_id))
+
+    async def cancel(self, session_id: str, message_id: str) -> CancelAnswer:
+        keys = [self.keys.msg(message_id), self.keys.cancel(session_id, message_id)]
+        args: list[Arg] = [
+            session_id,
+            self.settings.cancel_ttl_s,
+            self.settings.cancel_queued_ttl_s,
+        ]
+        answer = _s(await self._cancel(keys=keys, args=args))
+        return answer  # type: ignore[return-value]
+
+    async def message(self, message_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.msg(message_id))  # type: ignore[misc]
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def exists(self, message_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.msg(message_id)))
+
+    # --- seed operations (kept for operators and the seed's callers) -------------------
+    async def get_active_stream(self, session_id: str) -> str | None:
+        value = await self.redis.get(self.keys.active(session_id))
+        return _s(value) if value is not None else None
+
+    async def check_cancel_flag(self, session_id: str, message_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.cancel(session_id, message_id)))
+
+    # --- listener ----------------------------------------------------------------------
+    async def mirror_cancel(self, pipe: Pipeline, session_id: str, message_id: str) -> None:
+        """Queue the flag of a cancel record on `pipe` (result: 1 set, 0 message already final)."""
+        keys = [self.keys.msg(message_id), self.keys.cancel(session_id, message_id)]
+        args: list[Arg] = [self.settings.cancel_ttl_s, self.settings.cancel_queued_ttl_s]
+        await self._mirror(keys=keys, args=args, client=pipe)
+
+    # --- consumer ----------------------------------------------------------------------
+    async def observe(
+        self, pipe: Pipeline, message_id: str, session_id: str, user_id: str | None, now: str
+    ) -> None:
+        """Queue on `pipe`: record a consumed request as queued unless it has a state already."""
+        args: list[Arg] = [session_id, user_id or "", now, self.settings.msg_ttl_s]
+        await self._observe(keys=[self.keys.msg(message_id)], args=args, client=pipe)
+
+    async def claim(
+        self, message_id: str, session_id: str, user_id: str | None, instance_id: str, now: str
+    ) -> Claim:
+        k = self.keys
+        keys = [
+            k.msg(message_id),
+            k.lease(message_id),
+            k.cancel(session_id, message_id),
+            k.active(session_id),
+            k.stream(message_id),
+        ]
+        s = self.settings
+        args: list[Arg] = [
+            instance_id,
+            s.lease_ms,
+            session_id,
+            user_id or "",
+            now,
+            s.msg_ttl_s,
+            s.active_ttl_s,
+            message_id,
+        ]
+        raw = await self._claim(keys=keys, args=args)
+        outcome = _s(raw[0])
+        if outcome in ("final", "owned"):
+            return Claim(outcome, detail=_s(raw[1]))  # type: ignore[arg-type]
+        return Claim(outcome, restart=bool(int(raw[1])), next_seq=int(raw[2]))  # type: ignore[arg-type]
+
+    async def finish(
+        self,
+        message_id: str,
+        session_id: str,
+        instance_id: str,
+        wanted: str,
+        reason: str,
+        seq: int,
+        now: str,
+    ) -> Finish:
+        k = self.keys
+        keys = [
+            k.msg(message_id),
+            k.lease(message_id),
+            k.cancel(session_id, message_id),
+            k.active(session_id),
+            k.stream(message_id),
+        ]
+        s = self.settings
+        args: list[Arg] = [
+            instance_id,
+            wanted,
+            reason,
+            seq,
+            s.final_ttl_s,
+            message_id,
+            now,
+            s.stream_maxlen,
+        ]
+        raw = await self._finish(keys=keys, args=args)
+        if _s(raw[0]) == "already":
+            return Finish(_s(raw[1]), "", "", already=True)
+        return Finish(_s(raw[0]), _s(raw[1]), _s(raw[2]))
+
+    def append(
+        self, pipe: Pipeline, message_id: str, event: str, seq: int, data: dict[str, Any]
+    ) -> None:
+        """Queue one SSE event on the message's Redis Stream (batched by the caller)."""
+        pipe.xadd(
+            self.keys.stream(message_id),
+            {"e": event, "s": seq, "d": dumps(data)},
+            maxlen=self.settings.stream_maxlen,
+            approximate=True,
+        )
+
+    async def refresh_leases(self, owned: Sequence[tuple[str, str]], instance_id: str) -> list[int]:
+        """Extend the leases of (message_id, session_id) pairs we stream; returns lost indexes."""
+        if not owned:
+            return []
+        keys: list[str] = []
+        for message_id, session_id in owned:
+            keys += [self.keys.lease(message_id), self.keys.active(session_id)]
+        s = self.settings
+        lost = await self._refresh(keys=keys, args=[instance_id, s.lease_ms, s.active_ttl_s])
+        return [int(i) - 1 for i in lost]
