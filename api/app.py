@@ -14,7 +14,7 @@ from api.hub import Hub
 from api.readiness import Readiness
 from api.routes import router
 from api.service import ChatService, Conflict, NotFound, TooLarge
-from chatpipe.clients import make_producer, make_redis
+from chatpipe.clients import ProducerHandle, make_producer, make_redis
 from chatpipe.errors import ChatpipeError, Unavailable
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
@@ -34,8 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics = Metrics()
         redis = make_redis(settings)
         reader = make_redis(settings, max_connections=2)
-        producer = make_producer(
-            settings, request_timeout_ms=int(settings.api_kafka_timeout_s * 1000)
+        producer = ProducerHandle(
+            lambda: make_producer(
+                settings, request_timeout_ms=int(settings.api_kafka_timeout_s * 1000)
+            )
         )
         await producer.start()
         hub = Hub(

@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chatpipe.keys import Keys
+
+KeyT = bytes | str | memoryview
+StreamIdT = int | bytes | str | memoryview
+XReadResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
 from chatpipe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -89,8 +94,11 @@ class Hub:
         elif cursor > after:
             # the hub is ahead of this client: fetch (after, cursor] ourselves; the hub
             # delivers everything after cursor to our queue from now on
-            raw = await self.writer.xrange(
-                self.keys.stream(message_id), min="(" + format_id(after), max=format_id(cursor)
+            raw = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self.writer.xrange(
+                    self.keys.stream(message_id), min="(" + format_id(after), max=format_id(cursor)
+                ),
             )
             sub.backlog = [(i.decode(), f) for i, f in raw]
         return sub
@@ -124,11 +132,11 @@ class Hub:
                 await self._changed.wait()
             self._changed.clear()
             self._wake_pending = False
-            streams: dict[str, str] = {self.wake_key: self._wake_id}
+            streams: dict[KeyT, StreamIdT] = {self.wake_key: self._wake_id}
             for message_id, cursor in self._cursors.items():
                 streams[self.keys.stream(message_id)] = format_id(cursor)
             try:
-                response = await self.reader.xread(streams, count=1000, block=10_000)
+                response = cast(XReadResponse, await self.reader.xread(streams, count=1000, block=10_000))
                 self.healthy = True
                 backoff = 0.1
             except asyncio.CancelledError:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
+
+from chatpipe.clients import ProducerHandle
 
 
 class Readiness:
-    def __init__(self, redis: Redis, producer: AIOKafkaProducer, timeout_s: float = 2.0) -> None:
+    def __init__(self, redis: Redis, producer: ProducerHandle, timeout_s: float = 2.0) -> None:
         self.redis = redis
         self.producer = producer
         self.timeout_s = timeout_s
@@ -26,13 +27,16 @@ class Readiness:
             return f"{type(e).__name__}: {e}"[:200]
         return "ok"
 
+    async def _kafka(self) -> None:
+        await self.producer.get().client.fetch_all_metadata()
+
     async def check(self) -> dict[str, str]:
         now = time.monotonic()
         if self._cached and now - self._cached[0] < 0.5:
             return self._cached[1]
         redis, kafka = await asyncio.gather(
             self._probe("redis", self.redis.ping()),
-            self._probe("kafka", self.producer.client.fetch_all_metadata()),
+            self._probe("kafka", self._kafka()),
         )
         result = {"redis": redis, "kafka": kafka}
         self._cached = (now, result)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -14,7 +14,7 @@ from chatpipe.schemas import CancelBody, CancelResult, ChatAccepted, ChatBody
 
 router = APIRouter()
 
-NOT_FOUND_DOC = {404: {"description": "no such message (in this session)"}}
+NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {404: {"description": "no such message (in this session)"}}
 
 
 def _service(request: Request) -> ChatService:
@@ -96,8 +96,8 @@ async def _cancel(body: CancelBody, request: Request) -> Response:
             },
             status_code=404,
         )
-    shown = "cancelled" if status == "cancelled" else "completed"
-    result = CancelResult(status=shown, message=CANCEL_MESSAGES[status], message_id=body.message_id)  # type: ignore[arg-type]
+    shown: Literal["cancelled", "completed"] = "cancelled" if status == "cancelled" else "completed"
+    result = CancelResult(status=shown, message=CANCEL_MESSAGES[status], message_id=body.message_id)
     return JSONResponse(result.model_dump())
 
 

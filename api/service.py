@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaProducer
 
 from api.hub import Hub, format_id, parse_id
+from chatpipe.clients import ProducerHandle
 from chatpipe.codec import headers_for
 from chatpipe.errors import ChatpipeError, Unavailable
 from chatpipe.keys import cancel_record_key
@@ -48,7 +48,7 @@ class ChatService:
         self,
         settings: Settings,
         state: State,
-        producer: AIOKafkaProducer,
+        producer: ProducerHandle,
         hub: Hub,
         metrics: Metrics,
     ) -> None:
@@ -96,7 +96,7 @@ class ChatService:
         try:
             await self._bounded(
                 "kafka",
-                self.producer.send_and_wait(
+                self.producer.get().send_and_wait(
                     self.settings.requests_topic,
                     request.to_json(),
                     key=request.session_id.encode(),
@@ -132,7 +132,7 @@ class ChatService:
         try:
             await self._bounded(
                 "kafka",
-                self.producer.send_and_wait(
+                self.producer.get().send_and_wait(
                     self.settings.cancels_topic,
                     cancel.to_json(),
                     key=cancel_record_key(body.session_id, body.message_id).encode(),

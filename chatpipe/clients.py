@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from chatpipe.errors import Unavailable
 from chatpipe.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def kafka_common(settings: Settings) -> dict[str, Any]:
@@ -72,3 +79,49 @@ def make_redis(settings: Settings, *, max_connections: int | None = None) -> Red
         decode_responses=False,
     )
     return Redis(connection_pool=pool)
+
+
+class ProducerHandle:
+    """A producer that may start after the process: the api comes up while Kafka is down and
+    answers 503 until a producer connects (retried in the background), instead of crashing."""
+
+    def __init__(self, factory: Callable[[], AIOKafkaProducer], retry_s: float = 1.0) -> None:
+        self._factory = factory
+        self._retry_s = retry_s
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.last_error = "not started"
+
+    async def _try_start(self) -> bool:
+        producer = self._factory()
+        try:
+            await producer.start()
+        except Exception as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            return False
+        self._producer = producer
+        return True
+
+    async def start(self) -> None:
+        if not await self._try_start():
+            log.warning("Kafka not reachable at start (%s); retrying in the background", self.last_error)
+            self._task = asyncio.create_task(self._retry(), name="kafka-producer-start")
+
+    async def _retry(self) -> None:
+        while not await self._try_start():
+            await asyncio.sleep(self._retry_s)
+        log.info("Kafka producer connected")
+
+    def get(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise Unavailable(f"kafka: not connected ({self.last_error})")
+        return self._producer
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._producer is not None:
+            await self._producer.stop()

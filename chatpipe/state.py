@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -197,10 +197,11 @@ class State:
             self.settings.cancel_queued_ttl_s,
         ]
         answer = _s(await self._cancel(keys=keys, args=args))
-        return answer  # type: ignore[return-value]
+        assert answer in ("cancelled", "completed", "failed", "not_found"), answer
+        return cast(CancelAnswer, answer)
 
     async def message(self, message_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(self.keys.msg(message_id))  # type: ignore[misc]
+        raw = await self.redis.hgetall(self.keys.msg(message_id))
         return {_s(k): _s(v) for k, v in raw.items()}
 
     async def exists(self, message_id: str) -> bool:
