@@ -58,16 +58,27 @@ class Sink:
         self.topic = settings.responses_topic
         self.metrics = metrics
         self._queue: asyncio.Queue[Outgoing] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        # Kafka records leave through one queue and one task, in order, so a terminal event
+        # never overtakes its chunks and a slow broker never holds up the Redis path (SSE)
+        self._kafka: asyncio.Queue[_Record] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
         self._kafka_errors = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="sink")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="sink-redis"),
+            asyncio.create_task(self._run_kafka(), name="sink-kafka"),
+        ]
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Stop; first give queued Kafka records `flush_timeout` seconds to leave."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_timeout
+        while not self._kafka.empty() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def emit(self, out: Outgoing) -> bool:
         """Append one event for SSE readers and Kafka. Returns True when the message's cancel
@@ -78,10 +89,25 @@ class Sink:
     async def publish(
         self, key: str, kafka_type: str, value: dict[str, Any], traceparent: str | None = None
     ) -> None:
-        """Send one record to chat.responses and wait for the broker's ack (terminal events)."""
-        await self.producer.send_and_wait(
-            self.topic, dumps(value), key=key.encode(), headers=headers_for(kafka_type, traceparent)
-        )
+        """Send one record to chat.responses after everything emitted before it, and wait for
+        the broker's ack; retried while the broker is away (terminal events must arrive)."""
+        delay = 0.2
+        while True:
+            record = _Record(key.encode(), dumps(value), headers_for(kafka_type, traceparent))
+            record.delivered = asyncio.get_running_loop().create_future()
+            self._kafka.put_nowait(record)
+            try:
+                await record.delivered
+                return
+            except Exception as e:
+                log.warning(
+                    "terminal event not delivered, retrying in %.1fs: %s",
+                    delay,
+                    e,
+                    extra={"message_id": value.get("message_id")},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _run(self) -> None:
         while True:
@@ -107,26 +133,54 @@ class Sink:
             return
         flags = dict(zip(flag_keys, results[0], strict=True))
         for o in batch:
-            key = o.session_id.encode()
-            try:
-                fut = await self.producer.send(
-                    self.topic,
+            self._kafka.put_nowait(
+                _Record(
+                    o.session_id.encode(),
                     dumps(o.kafka_value),
-                    key=key,
-                    headers=headers_for(o.kafka_type, o.traceparent),
+                    headers_for(o.kafka_type, o.traceparent),
                 )
-                fut.add_done_callback(self._on_sent)
-            except Exception as e:
-                log.warning("chat.responses send failed: %s", e, extra={"message_id": o.message_id})
+            )
             if not o.done.done():
                 o.done.set_result(flags[self.keys.cancel(o.session_id, o.message_id)] is not None)
 
+    async def _run_kafka(self) -> None:
+        while True:
+            record = await self._kafka.get()
+            try:
+                fut = await self.producer.send(
+                    self.topic, record.value, key=record.key, headers=record.headers
+                )
+            except Exception as e:
+                self._failed(e)
+                if record.delivered is not None and not record.delivered.done():
+                    record.delivered.set_exception(e)
+                continue
+            fut.add_done_callback(record.on_sent)
+            fut.add_done_callback(self._on_sent)
+
+    def _failed(self, error: BaseException) -> None:
+        self._kafka_errors += 1
+        if self._kafka_errors in (1, 10, 100) or self._kafka_errors % 1000 == 0:
+            log.warning("chat.responses delivery failed (%d so far): %s", self._kafka_errors, error)
+
     def _on_sent(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is not None:
-            self._kafka_errors += 1
-            if self._kafka_errors in (1, 10, 100) or self._kafka_errors % 1000 == 0:
-                log.warning(
-                    "chat.responses delivery failed (%d so far): %s",
-                    self._kafka_errors,
-                    fut.exception(),
-                )
+            self._failed(fut.exception())  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class _Record:
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    delivered: asyncio.Future[None] | None = None
+
+    def on_sent(self, fut: asyncio.Future[Any]) -> None:
+        if self.delivered is None or self.delivered.done():
+            return
+        if fut.cancelled():
+            self.delivered.set_exception(Unavailable("kafka: send cancelled"))
+        elif fut.exception() is not None:
+            self.delivered.set_exception(fut.exception())  # type: ignore[arg-type]
+        else:
+            self.delivered.set_result(None)
