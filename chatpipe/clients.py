@@ -37,7 +37,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "enable_idempotence": True,
         "linger_ms": 2,
         "max_batch_size": 256 * 1024,
-        "max_request_size": 2 * 1024 * 1024,
+        "max_request_size": 11 * 1024 * 1024,  # the DLQ forwards records up to 10 MiB whole
         "compression_type": None,
     }
     opts.update(overrides)
@@ -51,7 +51,7 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
         "auto_offset_reset": "earliest",
         "fetch_max_wait_ms": 100,
         "max_poll_interval_ms": 300_000,
-        "session_timeout_ms": 10_000,
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": 1_000,
         "isolation_level": "read_uncommitted",
     }

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     redis_max_connections: int = 64
     kafka_request_timeout_ms: int = 5000
+    kafka_session_timeout_ms: int = 10_000  # a dead consumer's partitions move after this
 
     # --- names (prefixes let tests and tenants share one broker and one Redis) ---------
     topic_prefix: str = ""

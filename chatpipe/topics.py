@@ -11,6 +11,7 @@ from chatpipe.errors import TopicDrift
 from chatpipe.settings import Settings
 
 TOPIC_ALREADY_EXISTS = 36
+MAX_BYTES = str(10 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     """The design's topics (§2): partitions and the configs we insist on."""
     n = settings.topic_partitions
     return [
-        TopicSpec(settings.requests_topic, n, {"cleanup.policy": "delete"}),
+        # big enough that an oversized record can be produced, read and dead-lettered whole
+        TopicSpec(settings.requests_topic, n, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}),
         TopicSpec(
             settings.cancels_topic,
             n,
@@ -37,7 +39,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             },
         ),
         TopicSpec(settings.responses_topic, n, {"cleanup.policy": "delete"}),
-        TopicSpec(settings.dlq_topic, 1, {"cleanup.policy": "delete"}),
+        TopicSpec(settings.dlq_topic, 1, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}),
     ]
 
 
