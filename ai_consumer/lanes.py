@@ -50,6 +50,11 @@ class Lanes:
     def __len__(self) -> int:
         return self.waiting + self.running
 
+    @property
+    def sessions(self) -> list[str]:
+        """Sessions with queued or running work."""
+        return list(self._tasks)
+
     def submit(self, work: Work) -> None:
         session = work.request.session_id
         self._queues.setdefault(session, deque()).append(work)
@@ -109,12 +114,9 @@ class Lanes:
             if not self._tasks:
                 self._idle.set()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    async def wait_idle(self) -> None:
+        """Return when no lane has work (wrap in `asyncio.timeout` to bound it)."""
+        await self._idle.wait()
 
     async def cancel_all(self) -> None:
         tasks = list(self._tasks.values())

@@ -102,8 +102,12 @@ class Worker:
         log.info(
             "stopping: %d streams running, grace %.1fs", running, self.settings.shutdown_grace_s
         )
-        if await self.lanes.wait_idle(self.settings.shutdown_grace_s):
+        try:
+            async with asyncio.timeout(self.settings.shutdown_grace_s):
+                await self.lanes.wait_idle()
             return
+        except TimeoutError:
+            pass
         handed = list(self.registry.running.values())
         await self.lanes.cancel_all()
         if handed:
@@ -246,6 +250,8 @@ class Worker:
             if offset is not None:
                 todo[tp] = offset
             self.metrics.partition_backlog.labels(str(tp.partition)).set(len(offsets))
+        self.metrics.lanes.set(len(self.lanes.sessions))
+        await self._lag()
         if not todo:
             return
         try:
@@ -256,6 +262,17 @@ class Worker:
         self.metrics.commits.inc()
         for tp, offset in todo.items():
             self.offsets[tp].committed(offset)
+
+    async def _lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = await self.consumer.position(tp)
+            except Exception:
+                continue
+            self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))
 
     async def _commit_loop(self) -> None:
         while True:

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from api.hub import Hub
+from api.middleware import RequestCounter
 from api.readiness import Readiness
 from api.routes import router
 from api.service import ChatService, Conflict, NotFound, TooLarge
@@ -72,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+
+    app.add_middleware(RequestCounter)
 
     @app.exception_handler(ChatpipeError)
     async def on_error(request: Request, exc: ChatpipeError) -> JSONResponse:

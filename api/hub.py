@@ -18,11 +18,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chatpipe.keys import Keys
+from chatpipe.metrics import Metrics
 
 KeyT = bytes | str | memoryview
 StreamIdT = int | bytes | str | memoryview
 XReadResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
-from chatpipe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,9 @@ class Hub:
             for message_id, cursor in self._cursors.items():
                 streams[self.keys.stream(message_id)] = format_id(cursor)
             try:
-                response = cast(XReadResponse, await self.reader.xread(streams, count=1000, block=10_000))
+                response = cast(
+                    XReadResponse, await self.reader.xread(streams, count=1000, block=10_000)
+                )
                 self.healthy = True
                 backoff = 0.1
             except asyncio.CancelledError:

@@ -14,7 +14,9 @@ from chatpipe.schemas import CancelBody, CancelResult, ChatAccepted, ChatBody
 
 router = APIRouter()
 
-NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {404: {"description": "no such message (in this session)"}}
+NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such message (in this session)"}
+}
 
 
 def _service(request: Request) -> ChatService:
@@ -49,7 +51,7 @@ def _stream_url(message_id: str) -> str:
 )
 async def post_chat(body: ChatBody, request: Request) -> ChatAccepted:
     """Queue a chat message. The request is in Kafka (acks=all) before the 202."""
-    req = await _service(request).submit(body)
+    req = await _service(request).submit(body, request.headers.get("traceparent"))
     return ChatAccepted(
         message_id=req.message_id, session_id=req.session_id, stream_url=_stream_url(req.message_id)
     )
@@ -80,7 +82,7 @@ async def get_stream(
 async def post_chat_stream(body: ChatBody, request: Request) -> EventSourceResponse:
     """Queue a chat message and answer with its SSE stream directly."""
     service = _service(request)
-    req = await service.submit(body)
+    req = await service.submit(body, request.headers.get("traceparent"))
     events = await service.open_stream(req.message_id, None)
     return _sse(request, events, **{"X-Message-Id": req.message_id})
 

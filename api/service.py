@@ -16,7 +16,7 @@ from chatpipe.codec import headers_for
 from chatpipe.errors import ChatpipeError, Unavailable
 from chatpipe.keys import cancel_record_key
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import CancelBody, ChatBody, ChatCancel, ChatRequest, utcnow, rfc3339
+from chatpipe.schemas import CancelBody, ChatBody, ChatCancel, ChatRequest, rfc3339, utcnow
 from chatpipe.settings import Settings
 from chatpipe.state import State
 
@@ -72,7 +72,7 @@ class ChatService:
         except Exception as e:
             raise Unavailable(f"{what} unavailable: {type(e).__name__}: {e}") from None
 
-    async def submit(self, body: ChatBody) -> ChatRequest:
+    async def submit(self, body: ChatBody, traceparent: str | None = None) -> ChatRequest:
         size = len(body.message.encode())
         if size > self.settings.max_message_bytes:
             raise TooLarge(
@@ -100,7 +100,7 @@ class ChatService:
                     self.settings.requests_topic,
                     request.to_json(),
                     key=request.session_id.encode(),
-                    headers=headers_for(request.type),
+                    headers=headers_for(request.type, traceparent),
                 ),
             )
         except Unavailable:

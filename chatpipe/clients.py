@@ -106,11 +106,13 @@ class ProducerHandle:
 
     async def start(self) -> None:
         if not await self._try_start():
-            log.warning("Kafka not reachable at start (%s); retrying in the background", self.last_error)
+            log.warning(
+                "Kafka not reachable at start (%s); retrying in the background", self.last_error
+            )
             self._task = asyncio.create_task(self._retry(), name="kafka-producer-start")
 
     async def _retry(self) -> None:
-        while not await self._try_start():
+        while not await self._try_start():  # noqa: ASYNC110 - retrying a connection, nothing to wait on
             await asyncio.sleep(self._retry_s)
         log.info("Kafka producer connected")
 

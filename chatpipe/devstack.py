@@ -65,11 +65,10 @@ def _wait_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], timeout: 
 
 def run_dev(settings: Settings, apis: int, consumers: int, start_stack: bool) -> int:
     started_stack = False
-    if start_stack:
-        if _stack("status") != 0:
-            if _stack("start") != 0:
-                raise ChatpipeError("the local Kafka/Redis stack did not start (see above)")
-            started_stack = True
+    if start_stack and _stack("status") != 0:
+        if _stack("start") != 0:
+            raise ChatpipeError("the local Kafka/Redis stack did not start (see above)")
+        started_stack = True
     from chatpipe.cli import _topics
 
     if asyncio.run(_topics(settings)) != 0:

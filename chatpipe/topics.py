@@ -26,7 +26,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     n = settings.topic_partitions
     return [
         # big enough that an oversized record can be produced, read and dead-lettered whole
-        TopicSpec(settings.requests_topic, n, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}),
+        TopicSpec(
+            settings.requests_topic, n, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}
+        ),
         TopicSpec(
             settings.cancels_topic,
             n,
@@ -39,7 +41,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             },
         ),
         TopicSpec(settings.responses_topic, n, {"cleanup.policy": "delete"}),
-        TopicSpec(settings.dlq_topic, 1, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}),
+        TopicSpec(
+            settings.dlq_topic, 1, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}
+        ),
     ]
 
 
