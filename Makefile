@@ -1,0 +1,88 @@
+# chatpipe developer commands. `make test` is the README's test command: on a fresh Debian
+# machine it installs what is missing, starts the local Kafka + Redis (infra/local/stack.sh),
+# creates the topics and runs the whole test suite; the stack stays up afterwards.
+#
+# Ports come from the environment (make passes it on): KAFKA_PORT, KAFKA_CONTROLLER_PORT,
+# REDIS_PORT, CHATPIPE_STACK_DIR; see docs/local-stack.md. The clients of the targets that
+# use the stack are pointed at it: KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT and
+# REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# Steps depend on each other's side effects (install before stack, stack before topics).
+.NOTPARALLEL:
+
+PYTHON ?= python3
+CHATPIPE ?= chatpipe
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+KAFKA_PORT ?= 9092
+KAFKA_CONTROLLER_PORT ?= 9093
+REDIS_PORT ?= 6379
+export KAFKA_PORT KAFKA_CONTROLLER_PORT REDIS_PORT
+
+STACK := infra/local/stack.sh
+STACK_ENV := KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0
+
+.PHONY: help install stack-up stack-down stack-status stack-logs stack-wipe topics dev \
+	test test-unit lint format typecheck bench bench-smoke clean
+
+help:  ## list the targets
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+install:  ## Debian packages, Kafka jars (cached), pip install -e '.[dev]' (skips what is there)
+	infra/local/install.sh
+
+stack-up:  ## start local Kafka + Redis (no-op when running)
+	$(STACK) start
+
+stack-down:  ## stop local Kafka + Redis (data kept)
+	$(STACK) stop
+
+stack-status:  ## is the local stack up?
+	$(STACK) status
+
+stack-logs:  ## last lines of the Kafka and Redis logs
+	$(STACK) logs
+
+stack-wipe:  ## stop the local stack and delete its Kafka data
+	$(STACK) wipe
+
+topics:  ## create the topics (partitions, configs) on the local stack
+	$(STACK_ENV) $(CHATPIPE) topics
+
+dev: install  ## everything, then run api + consumers + cancel listener locally
+	$(STACK_ENV) $(CHATPIPE) dev
+
+test: install stack-up  ## the whole suite against the local stack (which stays up)
+	$(STACK_ENV) $(CHATPIPE) topics
+	$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-unit:  ## unit tests only: no services needed
+	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint:  ## ruff lint + format check (+ shellcheck of the scripts, when installed)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	@if command -v shellcheck >/dev/null; then \
+		echo "shellcheck infra/local/*.sh .ci/run"; shellcheck infra/local/*.sh .ci/run; \
+	fi
+
+format:  ## ruff fix + format
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+typecheck:  ## mypy (strict, configured in pyproject.toml)
+	$(PYTHON) -m mypy
+
+bench: stack-up topics  ## benchmarks against the local stack (docs/benchmarks.md)
+	$(STACK_ENV) $(PYTHON) -m bench $(BENCH_ARGS)
+
+bench-smoke: stack-up topics  ## a short benchmark run, as CI does
+	$(STACK_ENV) $(PYTHON) -m bench --smoke $(BENCH_ARGS)
+
+clean:  ## caches and build output in the repo (not the stack: see stack-wipe)
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,508 @@
+#!/usr/bin/env bash
+# Local real infrastructure for chatpipe, without Docker: a single-node Apache Kafka
+# (KRaft, combined broker+controller, jars from Maven Central) and a Redis server, both on
+# 127.0.0.1. Data, logs and pid files live in one stack folder per KAFKA_PORT, so several
+# stacks (a developer's, CI's) can run side by side on different ports.
+#
+#   infra/local/stack.sh start   [kafka|redis|all]    start (no-op if already running)
+#   infra/local/stack.sh stop    [kafka|redis|all] [--wipe]
+#   infra/local/stack.sh status  [kafka|redis|all]    exit 0 only if all asked-for are up
+#   infra/local/stack.sh logs    [kafka|redis|all] [-f]
+#   infra/local/stack.sh restart [kafka|redis|all]
+#   infra/local/stack.sh restart-redis                stop + start Redis: its data is gone
+#   infra/local/stack.sh wipe    [kafka|redis|all]    stop, then delete the data
+#   infra/local/stack.sh env                          print the export line for clients
+#
+# Settings (environment): KAFKA_PORT=9092 KAFKA_CONTROLLER_PORT=9093 REDIS_PORT=6379
+# KAFKA_HEAP=512m KAFKA_JAVA_OPTS='' STACK_TIMEOUT=60 STOP_TIMEOUT=30
+# CHATPIPE_STACK_DIR=$HOME/.local/state/chatpipe/stack-$KAFKA_PORT
+# CHATPIPE_CACHE_DIR=$HOME/.cache/chatpipe (the Kafka jars). See docs/local-stack.md.
+set -euo pipefail
+
+: "${HOME:=$(cd ~ && pwd)}"  # CI may run without HOME
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+KAFKA_VERSION="4.1.1"
+HOST="127.0.0.1"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+REDIS_PORT="${REDIS_PORT:-6379}"
+KAFKA_HEAP="${KAFKA_HEAP:-512m}"
+KAFKA_JAVA_OPTS="${KAFKA_JAVA_OPTS:-}"
+STACK_TIMEOUT="${STACK_TIMEOUT:-60}"
+STOP_TIMEOUT="${STOP_TIMEOUT:-30}"
+CACHE_DIR="${CHATPIPE_CACHE_DIR:-${HOME}/.cache/chatpipe}"
+STACK_DIR="${CHATPIPE_STACK_DIR:-${HOME}/.local/state/chatpipe/stack-${KAFKA_PORT}}"
+
+KAFKA_LIB="${CACHE_DIR}/kafka-${KAFKA_VERSION}/lib"
+KAFKA_STAMP="${CACHE_DIR}/kafka-${KAFKA_VERSION}/.complete"
+KAFKA_DATA="${STACK_DIR}/kafka-data"
+KAFKA_PROPS="${STACK_DIR}/kafka-server.properties"
+KAFKA_LOG4J="${STACK_DIR}/kafka-log4j2.xml"
+KAFKA_LOG="${STACK_DIR}/kafka.log"
+KAFKA_OUT="${STACK_DIR}/kafka.out"   # JVM stdout/stderr (crashes, bad options)
+KAFKA_PID="${STACK_DIR}/kafka.pid"
+REDIS_DIR="${STACK_DIR}/redis"
+REDIS_LOG="${STACK_DIR}/redis.log"
+REDIS_PID="${STACK_DIR}/redis.pid"
+
+log() { printf '%s\n' "$*"; }
+die() { printf 'stack.sh: error: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'
+}
+
+# ---------------------------------------------------------------------------- helpers
+
+pid_of() {  # pid_of PIDFILE -> prints the pid if the file holds a live process
+  local pid
+  [[ -s "$1" ]] || return 1
+  pid="$(tr -dc '0-9' <"$1")"
+  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
+  printf '%s\n' "$pid"
+}
+
+cmdline_of() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
+
+# The live pid recorded by this stack for a service, only if that process is really ours
+# (a pid file can outlive its process and the pid be reused).
+kafka_pid() {
+  local pid
+  pid="$(pid_of "$KAFKA_PID")" || return 1
+  [[ "$(cmdline_of "$pid")" == *"kafka.Kafka ${KAFKA_PROPS}"* ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+redis_pid() {
+  local pid
+  pid="$(pid_of "$REDIS_PID")" || return 1
+  [[ "$(cmdline_of "$pid")" == *"redis-server"*"${HOST}:${REDIS_PORT}"* ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+port_in_use() {  # port_in_use PORT: is anything listening on it (on 127.0.0.1 or any address)?
+  local port="$1"
+  if command -v ss >/dev/null 2>&1 && [[ -n "$(ss -Hltn "sport = :${port}" 2>/dev/null)" ]]; then
+    return 0
+  fi
+  (exec 3<>"/dev/tcp/${HOST}/${port}") 2>/dev/null
+}
+
+port_owner() {  # best effort "users:(("python3",pid=123,fd=3))"
+  command -v ss >/dev/null 2>&1 || return 0
+  ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:.*' | head -n 1 || true
+}
+
+require_free_port() {  # require_free_port PORT VARNAME SERVICE
+  local port="$1" var="$2" service="$3" owner
+  if port_in_use "$port"; then
+    owner="$(port_owner "$port")"
+    die "cannot start ${service}: port ${port} is already in use by another process${owner:+ (${owner})}, not by this stack (${STACK_DIR}). Stop that process or choose another port, e.g. ${var}=$((port + 100)) $0 start ${service}"
+  fi
+}
+
+MARK="=== stack.sh start"
+
+mark_log() { printf '%s %s ===\n' "$MARK" "$(date '+%Y-%m-%d %H:%M:%S')" >>"$1"; }
+
+tail_logs() {  # tail_logs FILE...: the last 40 lines written since our last start, to stderr
+  local f from lines
+  for f in "$@"; do
+    [[ -s "$f" ]] || continue
+    from="$(grep -n "^${MARK}" "$f" | tail -n 1 | cut -d: -f1 || true)"
+    lines="$(tail -n "+$((${from:-0} + 1))" "$f" | tail -n 40)"
+    [[ -n "$lines" ]] || continue
+    printf -- '----- last 40 lines of %s -----\n%s\n' "$f" "$lines" >&2
+  done
+}
+
+terminate() {  # terminate PID NAME: TERM, wait up to STOP_TIMEOUT, then KILL
+  local pid="$1" name="$2" waited=0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((waited >= STOP_TIMEOUT * 10)); then
+      log "${name} (pid ${pid}) did not stop within ${STOP_TIMEOUT}s: sending KILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
+
+# One operation at a time per stack folder (two `make test` in parallel, say). The fd is
+# closed for the servers we launch, so they do not hold the lock while they run.
+take_lock() {
+  mkdir -p "$STACK_DIR"
+  exec 9>"${STACK_DIR}/.lock"
+  if command -v flock >/dev/null 2>&1; then
+    flock -w $((STACK_TIMEOUT * 2 + 30)) 9 || die "another stack.sh is busy with ${STACK_DIR}"
+  fi
+}
+
+apt_or_explain() {  # apt_or_explain COMMAND PACKAGE...
+  local cmd="$1"; shift
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "${cmd} not found: installing $* from Debian"
+    "${HERE}/install.sh" packages "$@"
+    command -v "$cmd" >/dev/null 2>&1 || die "${cmd} still not found after installing $*"
+  else
+    die "${cmd} is not installed: run 'apt-get install $*' as root (or infra/local/install.sh), then try again."
+  fi
+}
+
+# ---------------------------------------------------------------------------- kafka
+
+kafka_answers() {
+  local out
+  out="$(kcat -b "${HOST}:${KAFKA_PORT}" -L -m 2 2>/dev/null)" || return 1
+  [[ "$out" == *"broker 1 at"* ]]
+}
+
+write_kafka_config() {
+  cat >"$KAFKA_PROPS" <<EOF
+# Generated by infra/local/stack.sh on every start: edit the script, not this file.
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=${HOST}:${KAFKA_CONTROLLER_PORT}
+listeners=PLAINTEXT://${HOST}:${KAFKA_PORT},CONTROLLER://${HOST}:${KAFKA_CONTROLLER_PORT}
+advertised.listeners=PLAINTEXT://${HOST}:${KAFKA_PORT},CONTROLLER://${HOST}:${KAFKA_CONTROLLER_PORT}
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=${KAFKA_DATA}
+
+# One node: every replication factor is 1, internal topics small (fast first group join).
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.num.partitions=1
+group.initial.rebalance.delay.ms=0
+
+# After a hard kill (SIGKILL, crash) the restarted node cannot register until its old
+# registration's session expires (DUPLICATE_BROKER_REGISTRATION): 4 s instead of 9 s.
+broker.session.timeout.ms=4000
+broker.heartbeat.interval.ms=1000
+
+# Topics are created by 'chatpipe topics': a misspelt topic fails loudly.
+auto.create.topics.enable=false
+delete.topic.enable=true
+
+# Compaction (chat.cancels) with a small heap: 16 MiB dedupe buffer instead of 128 MiB,
+# and the cleaner looks for work every second instead of every 15.
+log.cleaner.enable=true
+log.cleaner.threads=1
+log.cleaner.dedupe.buffer.size=16777216
+log.cleaner.backoff.ms=1000
+
+# Two cores.
+num.network.threads=2
+num.io.threads=4
+EOF
+
+  cat >"$KAFKA_LOG4J" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Generated by infra/local/stack.sh. -->
+<Configuration status="warn">
+  <Appenders>
+    <RollingFile name="file" fileName="${KAFKA_LOG}" filePattern="${KAFKA_LOG}.%i">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="50 MB"/></Policies>
+      <DefaultRolloverStrategy max="3"/>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Root level="INFO"><AppenderRef ref="file"/></Root>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Logger name="state.change.logger" level="WARN"/>
+    <Logger name="org.apache.kafka.clients" level="WARN"/>
+  </Loggers>
+</Configuration>
+EOF
+}
+
+random_cluster_id() {  # what StorageTool random-uuid prints: 16 random bytes, base64url, no padding
+  local id
+  while :; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    [[ "$id" != -* ]] && { printf '%s\n' "$id"; return; }
+  done
+}
+
+format_kafka_storage() {
+  [[ -f "${KAFKA_DATA}/meta.properties" ]] && return 0
+  # Not formatted, or a format that did not finish: start from an empty folder.
+  rm -rf "$KAFKA_DATA"
+  mkdir -p "$KAFKA_DATA"
+  local id out
+  id="$(random_cluster_id)"
+  if ! out="$(java -cp "${KAFKA_LIB}/*" -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
+      kafka.tools.StorageTool format -t "$id" -c "$KAFKA_PROPS" --standalone 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    rm -rf "$KAFKA_DATA"
+    die "formatting the Kafka storage in ${KAFKA_DATA} failed"
+  fi
+  log "formatted new Kafka storage (cluster id ${id}) in ${KAFKA_DATA}"
+}
+
+start_kafka() {
+  local pid
+  if pid="$(kafka_pid)"; then
+    apt_or_explain kcat kcat
+    if wait_until_up kafka "$pid" quiet; then
+      log "kafka already running on ${HOST}:${KAFKA_PORT} (pid ${pid})"
+      return 0
+    fi
+    die "kafka (pid ${pid}) runs but does not answer on ${HOST}:${KAFKA_PORT}: see ${KAFKA_LOG}, or '$0 restart kafka'"
+  fi
+  rm -f "$KAFKA_PID"
+  require_free_port "$KAFKA_PORT" KAFKA_PORT kafka
+  require_free_port "$KAFKA_CONTROLLER_PORT" KAFKA_CONTROLLER_PORT kafka
+  command -v java >/dev/null 2>&1 || die "java is not installed: Kafka needs Java 17+ (apt-get install openjdk-17-jre-headless)"
+  apt_or_explain kcat kcat
+  if [[ ! -f "$KAFKA_STAMP" ]]; then
+    log "Kafka ${KAFKA_VERSION} jars not in ${KAFKA_LIB}: fetching them"
+    "${HERE}/install.sh" kafka
+  fi
+
+  mkdir -p "$STACK_DIR"
+  write_kafka_config
+  format_kafka_storage
+
+  local started=$SECONDS
+  log "starting kafka ${KAFKA_VERSION} on ${HOST}:${KAFKA_PORT} (controller ${KAFKA_CONTROLLER_PORT}, heap ${KAFKA_HEAP}, dir ${STACK_DIR})"
+  : >"$KAFKA_OUT"
+  mark_log "$KAFKA_LOG"
+  # Own session (setsid), so it outlives the shell, make or CI step that started it; the
+  # inner shell writes its own pid, then becomes java (exec), so the pid file is java's.
+  # shellcheck disable=SC2016,SC2086
+  setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$KAFKA_PID" \
+    java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" \
+    -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+    -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KAFKA_LOG4J" $KAFKA_JAVA_OPTS \
+    -cp "${KAFKA_LIB}/*" kafka.Kafka "$KAFKA_PROPS" \
+    </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
+  local n=0
+  until [[ -s "$KAFKA_PID" ]]; do
+    sleep 0.05; n=$((n + 1)); ((n < 100)) || die "kafka did not write ${KAFKA_PID}"
+  done
+  pid="$(tr -dc '0-9' <"$KAFKA_PID")"
+  if ! wait_until_up kafka "$pid"; then
+    [[ -n "$pid" ]] && terminate "$pid" kafka
+    rm -f "$KAFKA_PID"
+    exit 1
+  fi
+  log "kafka is up on ${HOST}:${KAFKA_PORT} (pid ${pid}) after $((SECONDS - started))s"
+}
+
+stop_kafka() {
+  local pid
+  if pid="$(kafka_pid)"; then
+    log "stopping kafka (pid ${pid})"
+    terminate "$pid" kafka
+    log "kafka stopped"
+  else
+    log "kafka is not running (${STACK_DIR})"
+  fi
+  rm -f "$KAFKA_PID"
+}
+
+# ---------------------------------------------------------------------------- redis
+
+redis_answers() {
+  [[ "$(redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == "PONG" ]]
+}
+
+start_redis() {
+  local pid
+  if pid="$(redis_pid)"; then
+    if wait_until_up redis "$pid" quiet; then
+      log "redis already running on ${HOST}:${REDIS_PORT} (pid ${pid})"
+      return 0
+    fi
+    die "redis (pid ${pid}) runs but does not answer on ${HOST}:${REDIS_PORT}: see ${REDIS_LOG}, or '$0 restart-redis'"
+  fi
+  rm -f "$REDIS_PID"
+  require_free_port "$REDIS_PORT" REDIS_PORT redis
+  apt_or_explain redis-server redis-server redis-tools
+  apt_or_explain redis-cli redis-tools
+
+  mkdir -p "$REDIS_DIR"
+  mark_log "$REDIS_LOG"
+  local started=$SECONDS
+  log "starting redis on ${HOST}:${REDIS_PORT} (no persistence, dir ${STACK_DIR})"
+  # No persistence on purpose: the tests rely on a restart losing every key.
+  redis-server --bind "$HOST" --port "$REDIS_PORT" --protected-mode yes \
+    --daemonize yes --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" --dir "$REDIS_DIR" \
+    --save '' --appendonly no </dev/null 9>&- \
+    || { tail_logs "$REDIS_LOG"; die "redis-server did not start"; }
+  # The daemon writes its pid file right after forking; give it a moment.
+  local n=0
+  until pid="$(pid_of "$REDIS_PID")"; do
+    sleep 0.05; n=$((n + 1))
+    if ((n >= 100)); then
+      tail_logs "$REDIS_LOG"; die "redis-server did not write ${REDIS_PID}"
+    fi
+  done
+  if ! wait_until_up redis "$pid"; then
+    terminate "$pid" redis
+    rm -f "$REDIS_PID"
+    exit 1
+  fi
+  log "redis is up on ${HOST}:${REDIS_PORT} (pid ${pid}) after $((SECONDS - started))s"
+}
+
+stop_redis() {
+  local pid
+  if pid="$(redis_pid)"; then
+    log "stopping redis (pid ${pid})"
+    terminate "$pid" redis
+    log "redis stopped"
+  else
+    log "redis is not running (${STACK_DIR})"
+  fi
+  rm -f "$REDIS_PID"
+}
+
+# ---------------------------------------------------------------------------- common
+
+# wait_until_up SERVICE PID [quiet]: poll until the service answers a real request.
+# On timeout or if the process dies: print the log tail and return 1 (unless quiet).
+wait_until_up() {
+  local service="$1" pid="$2" quiet="${3:-}" deadline=$((SECONDS + STACK_TIMEOUT))
+  local logs=() port
+  case "$service" in
+    kafka) logs=("$KAFKA_LOG" "$KAFKA_OUT"); port="$KAFKA_PORT" ;;
+    redis) logs=("$REDIS_LOG"); port="$REDIS_PORT" ;;
+  esac
+  while :; do
+    "${service}_answers" && return 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+      [[ -n "$quiet" ]] || { tail_logs "${logs[@]}"; printf 'stack.sh: error: %s (pid %s) exited during start-up; logs above\n' "$service" "$pid" >&2; }
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      [[ -n "$quiet" ]] || { tail_logs "${logs[@]}"; printf 'stack.sh: error: %s did not answer on %s:%s within %ss (STACK_TIMEOUT); stopping it; logs above\n' "$service" "$HOST" "$port" "$STACK_TIMEOUT" >&2; }
+      return 1
+    fi
+    sleep 0.25
+  done
+}
+
+status_of() {  # status_of SERVICE -> prints one line, returns 0 if up
+  local service="$1" port pid
+  case "$service" in
+    kafka) port="$KAFKA_PORT" ;;
+    redis) port="$REDIS_PORT" ;;
+  esac
+  if pid="$("${service}_pid")"; then
+    if "${service}_answers"; then
+      log "${service}: running on ${HOST}:${port} (pid ${pid})"
+      return 0
+    fi
+    log "${service}: NOT ANSWERING on ${HOST}:${port} (pid ${pid} is alive; see ${STACK_DIR}/${service}.log)"
+    return 1
+  fi
+  if port_in_use "$port"; then
+    log "${service}: stopped (port ${port} is in use by another process)"
+  else
+    log "${service}: stopped (port ${port})"
+  fi
+  return 1
+}
+
+print_env() {
+  printf 'export KAFKA_BOOTSTRAP_SERVERS=%s:%s REDIS_URL=redis://%s:%s/0\n' \
+    "$HOST" "$KAFKA_PORT" "$HOST" "$REDIS_PORT"
+}
+
+wipe() {  # wipe SERVICE (already stopped)
+  case "$1" in
+    kafka) rm -rf "$KAFKA_DATA"; log "removed ${KAFKA_DATA}" ;;
+    redis) rm -rf "$REDIS_DIR"; log "removed ${REDIS_DIR}" ;;
+  esac
+}
+
+targets_of() {  # targets_of kafka|redis|all
+  case "${1:-all}" in
+    all) echo "kafka redis" ;;
+    kafka | redis) echo "$1" ;;
+    *) die "unknown target '$1' (kafka, redis or all)" ;;
+  esac
+}
+
+main() {
+  local cmd="${1:-}"; shift || true
+  local target="all" wipe_too="" follow=""
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      --wipe) wipe_too=1 ;;
+      -f | --follow) follow=1 ;;
+      kafka | redis | all) target="$arg" ;;
+      *) die "unknown argument '$arg' (try: $0 help)" ;;
+    esac
+  done
+  local services s rc=0
+  read -r -a services <<<"$(targets_of "$target")"
+
+  case "$cmd" in
+    start)
+      take_lock
+      for s in "${services[@]}"; do "start_${s}"; done
+      print_env
+      ;;
+    stop)
+      take_lock
+      for s in "${services[@]}"; do
+        "stop_${s}"
+        [[ -z "$wipe_too" ]] || wipe "$s"
+      done
+      ;;
+    restart)
+      take_lock
+      for s in "${services[@]}"; do "stop_${s}"; "start_${s}"; done
+      print_env
+      ;;
+    restart-redis)
+      take_lock
+      stop_redis
+      start_redis
+      ;;
+    wipe)
+      take_lock
+      for s in "${services[@]}"; do "stop_${s}"; wipe "$s"; done
+      ;;
+    status)
+      log "stack ${STACK_DIR}"
+      for s in "${services[@]}"; do status_of "$s" || rc=1; done
+      return "$rc"
+      ;;
+    logs)
+      local files=()
+      for s in "${services[@]}"; do
+        [[ -f "${STACK_DIR}/${s}.log" ]] && files+=("${STACK_DIR}/${s}.log")
+      done
+      ((${#files[@]})) || die "no logs in ${STACK_DIR} yet"
+      if [[ -n "$follow" ]]; then exec tail -n 100 -F "${files[@]}"; fi
+      tail -n 100 "${files[@]}"
+      ;;
+    env) print_env ;;
+    help | -h | --help) usage ;;
+    "") usage >&2; exit 2 ;;
+    *) die "unknown command '${cmd}' (try: $0 help)" ;;
+  esac
+}
+
+main "$@"
