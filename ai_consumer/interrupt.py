@@ -18,6 +18,7 @@ async def until_set(source: AsyncIterator[T], event: asyncio.Event) -> AsyncGene
     provider closes its upstream HTTP stream.
     """
     waiter = asyncio.ensure_future(event.wait())
+    step: asyncio.Future[T] | None = None
     try:
         while not event.is_set():
             step = asyncio.ensure_future(anext(source))
@@ -34,6 +35,11 @@ async def until_set(source: AsyncIterator[T], event: asyncio.Event) -> AsyncGene
             yield item
     finally:
         waiter.cancel()
+        if step is not None and not step.done():
+            # our own task was cancelled mid-step: stop the step before closing the source
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await step
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()

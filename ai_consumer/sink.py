@@ -154,9 +154,11 @@ class Sink:
                 self._failed(e)
                 if record.delivered is not None and not record.delivered.done():
                     record.delivered.set_exception(e)
-                continue
-            fut.add_done_callback(record.on_sent)
-            fut.add_done_callback(self._on_sent)
+            else:
+                fut.add_done_callback(record.on_sent)
+                fut.add_done_callback(self._on_sent)
+            finally:
+                self._kafka.task_done()
 
     def _failed(self, error: BaseException) -> None:
         self._kafka_errors += 1

@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         redis = make_redis(settings)
-        reader = make_redis(settings, max_connections=2)
+        reader = make_redis(settings, max_connections=2, socket_timeout=30)  # > XREAD BLOCK
         producer = ProducerHandle(
             lambda: make_producer(
                 settings, request_timeout_ms=int(settings.api_kafka_timeout_s * 1000)

@@ -1,10 +1,11 @@
-"""The `chatpipe` command: `chatpipe topics`, `chatpipe dev`."""
+"""The `chatpipe` command: `chatpipe topics`, `chatpipe dev`, `chatpipe contract`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from chatpipe.errors import ChatpipeError, TopicDrift
 from chatpipe.settings import Settings
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument(
         "--no-stack", action="store_true", help="use the running Kafka/Redis as they are"
     )
+    contract = sub.add_parser("contract", help="write docs/contract/ from the models")
+    contract.add_argument("--check", action="store_true", help="exit 1 listing files that differ")
+    contract.add_argument("--dir", type=Path, default=None, help="default: docs/contract")
     args = parser.parse_args(argv)
+    if args.command == "contract":
+        from chatpipe.contract import run
+
+        return run(check_only=args.check, directory=args.dir)
     settings = Settings()
     try:
         if args.command == "topics":

@@ -67,18 +67,21 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
-def make_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
+def make_redis(
+    settings: Settings, *, max_connections: int | None = None, socket_timeout: float | None = None
+) -> Redis:
     """One pool per process, blocking when exhausted (redis-py's default pool raises instead)."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections or settings.redis_max_connections,
         timeout=5,
         socket_connect_timeout=2,
+        socket_timeout=socket_timeout,
         socket_keepalive=True,
         health_check_interval=10,
         decode_responses=False,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 class ProducerHandle:

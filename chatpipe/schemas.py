@@ -31,6 +31,7 @@ class ContractModel(BaseModel):
         alias_generator=to_camel,
         validate_by_name=True,
         validate_by_alias=True,
+        loc_by_alias=False,
         extra="ignore",
         coerce_numbers_to_str=True,
         ser_json_timedelta="float",
@@ -41,7 +42,10 @@ class ContractModel(BaseModel):
 
 
 def _aware(value: Any) -> Any:
-    """Read a date without an offset (Jackson's LocalDateTime, hand-written producers) as UTC."""
+    """Read a date without an offset (Jackson's LocalDateTime, hand-written producers) as UTC;
+    a null date (Jackson writes unset fields as null) means now, like an absent one."""
+    if value is None:
+        return utcnow()
     if isinstance(value, str) and value and value[-1].isdigit() and "T" in value:
         tail = value.split("T", 1)[1]
         if "+" not in tail and "-" not in tail:

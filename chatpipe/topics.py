@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -110,8 +111,14 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> Topic
                 raise TopicDrift(
                     f"{name}: create failed with error {code} {rest[0] if rest else ''}"
                 )
-        # a concurrent creator may have won the race: check it like any existing topic
-        actual.update(await _actual(admin, [s.name for s in missing]))
+        # a new topic shows in metadata a moment later (longer right after deletions); a
+        # concurrent creator may have won the race: check it like any existing topic
+        names = [s.name for s in missing]
+        for _ in range(100):
+            actual.update(await _actual(admin, names))
+            if all(name in actual for name in names):
+                break
+            await asyncio.sleep(0.1)
         report.created = [s.name for s in missing]
     for spec in specs:
         if spec.name not in actual:

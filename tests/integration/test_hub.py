@@ -1,0 +1,385 @@
+"""The SSE Hub (api/hub.py) on a real Redis: one XREAD task fanning out to many subscribers.
+
+The hub's reader is built as api/app.py builds it (`make_redis(settings, max_connections=2)`).
+`Reads` wraps its `xread` to report each read the hub issues and how it ended, so a test can
+wait for "the hub is blocked in a read naming stream X" instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from api.hub import Entry, Hub, StreamId, Subscription, parse_id
+from chatpipe.clients import make_redis
+from chatpipe.keys import Keys
+from chatpipe.metrics import Metrics
+from chatpipe.settings import Settings
+
+TIMEOUT = 5
+
+
+@dataclass
+class Read:
+    streams: set[str]
+    ended: asyncio.Future[BaseException | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Reads:
+    """Every XREAD the hub issues, in order, as a queue the test can wait on."""
+
+    def __init__(self, reader: Redis, writer: Redis, name: str) -> None:
+        self.issued: asyncio.Queue[Read] = asyncio.Queue()
+        self.writer = writer
+        self.name = name
+        reader.connection_pool.connection_kwargs["client_name"] = name
+        real = reader.xread
+
+        async def xread(streams: dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
+            read = Read({k if isinstance(k, str) else k.decode() for k in streams})
+            self.issued.put_nowait(read)
+            try:
+                result = await real(streams, *args, **kwargs)
+            except BaseException as e:
+                read.ended.set_result(e)
+                raise
+            read.ended.set_result(None)
+            return result
+
+        reader.xread = xread  # type: ignore[method-assign]
+
+    async def blocked(self) -> None:
+        """Until Redis shows the hub's connection blocked in XREAD (one CLIENT LIST per round
+        trip; the hub gets there within a millisecond of sending the read)."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                clients = await self.writer.client_list(_type="normal")
+                if any(
+                    c["name"] == self.name and c["cmd"] == "xread" and "b" in c["flags"]
+                    for c in clients
+                ):
+                    return
+
+    async def current(self) -> Read:
+        """The read the hub is in now (or issues next): the first one not ended yet."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                read = await self.issued.get()
+                if not read.ended.done():
+                    return read
+
+    async def until(self, stream_key: str, present: bool = True) -> Read:
+        """The next read issued that names (or, with present=False, omits) `stream_key`."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                read = await self.issued.get()
+                if (stream_key in read.streams) == present:
+                    return read
+
+
+def new_hub(settings: Settings, redis: Redis, queue_size: int) -> tuple[Hub, Reads, Metrics]:
+    reader = make_redis(settings, max_connections=2)
+    metrics = Metrics()
+    hub = Hub(reader, redis, Keys.from_settings(settings), "api-test", metrics, queue_size)
+    return hub, Reads(reader, redis, f"hub-{settings.key_prefix}"), metrics
+
+
+async def close_hub(hub: Hub) -> None:
+    # Hub.stop() hangs when its cancel lands while a read is being sent (the strict xfail
+    # test_stop_ends_the_hub_even_when_...): callers stop a hub blocked in its read, and if a
+    # test failed elsewhere, a second cancel (the timeout's) gets through.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1):
+            await hub.stop()
+    await hub.reader.aclose(close_connection_pool=True)
+
+
+@contextlib.asynccontextmanager
+async def running_hub(
+    settings: Settings, redis: Redis, queue_size: int = 100
+) -> AsyncIterator[tuple[Hub, Reads, Metrics]]:
+    hub, reads, metrics = new_hub(settings, redis, queue_size)
+    hub.start()
+    try:
+        yield hub, reads, metrics
+        await reads.blocked()
+    finally:
+        await close_hub(hub)
+
+
+async def add(redis: Redis, keys: Keys, message_id: str, n: int, event: str = "chunk") -> str:
+    raw = await redis.xadd(keys.stream(message_id), {"e": event, "s": n, "d": f'{{"n": {n}}}'})
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+async def take(sub: Subscription, count: int) -> list[Entry]:
+    """`count` entries from the subscriber's queue."""
+    got: list[Entry] = []
+    async with asyncio.timeout(TIMEOUT):
+        while len(got) < count:
+            entry = await sub.queue.get()
+            assert entry is not None, "hub stopped"
+            got.append(entry)
+    return got
+
+
+async def until_done(sub: Subscription) -> list[Entry]:
+    """What a subscriber reads: its backlog, then its queue up to the `done` entry."""
+    got = list(sub.backlog)
+    async with asyncio.timeout(TIMEOUT):
+        while not got or got[-1][1].get(b"e") != b"done":
+            entry = await sub.queue.get()
+            assert entry is not None, "hub stopped"
+            got.append(entry)
+    return got
+
+
+def after(entries: list[Entry], position: StreamId) -> list[str]:
+    """Ids of the entries after `position`, asserting the delivery was in order, each once.
+    (Entries at or before the position may come too; the SSE route skips them.)"""
+    ids = [parse_id(i) for i, _ in entries]
+    assert ids == sorted(set(ids)), f"duplicates or disorder: {ids}"
+    return [i for i, _ in entries if parse_id(i) > position]
+
+
+async def test_subscribers_at_different_positions_get_every_later_entry_once_in_order(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    ids = [await add(redis, keys, "m-1", n) for n in range(3)]
+    async with running_hub(settings, redis) as (hub, _, _):
+        from_start = await hub.subscribe("m-1", (0, 0))
+        resumed = await hub.subscribe("m-1", parse_id(ids[1]))  # Last-Event-ID = 2nd entry
+        ids += [await add(redis, keys, "m-1", n) for n in range(3, 6)]
+        first_six = await take(from_start, 6)
+        assert after(first_six, (0, 0)) == ids
+
+        # a third one joins late, behind the hub's position: it gets the gap from Redis (its
+        # backlog) and the rest from the hub, nothing twice
+        late = await hub.subscribe("m-1", parse_id(ids[3]))
+        assert [i for i, _ in late.backlog] == ids[4:6]
+        ids.append(await add(redis, keys, "m-1", 6, "done"))
+
+        assert after(first_six + await until_done(from_start), (0, 0)) == ids
+        assert after(await until_done(resumed), parse_id(ids[1])) == ids[2:]
+        assert after(await until_done(late), parse_id(ids[3])) == ids[4:]
+        for sub in (from_start, resumed, late):
+            assert sub.queue.empty()
+
+
+async def test_each_message_goes_only_to_its_own_subscribers(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    async with running_hub(settings, redis) as (hub, _, _):
+        a = await hub.subscribe("m-a", (0, 0))
+        b = await hub.subscribe("m-b", (0, 0))
+        ida = [await add(redis, keys, "m-a", n) for n in range(3)]
+        idb = [await add(redis, keys, "m-b", n) for n in range(2)]
+        assert [i for i, _ in await take(a, 3)] == ida
+        assert [i for i, _ in await take(b, 2)] == idb
+        assert a.queue.empty()
+        assert b.queue.empty()
+
+
+async def test_a_new_subscription_wakes_the_blocked_read(settings: Settings, redis: Redis) -> None:
+    keys = Keys.from_settings(settings)
+    async with running_hub(settings, redis) as (hub, reads, _):
+        first = await hub.subscribe("m-1", (0, 0))
+        await add(redis, keys, "m-1", 0)
+        await take(first, 1)
+        # the hub is now blocked in an XREAD (block 10 s) that does not name m-2
+        await reads.until(keys.stream("m-1"))
+        await reads.blocked()
+        second = await hub.subscribe("m-2", (0, 0))
+        new_id = await add(redis, keys, "m-2", 0)
+        # well within the 10 s block: only the wake-up makes the hub read m-2 this soon
+        (got_id, _), *_ = await take(second, 1)
+        assert got_id == new_id
+
+
+async def test_the_last_client_leaving_takes_its_stream_out_of_the_read(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    async with running_hub(settings, redis) as (hub, reads, _):
+        keep = await hub.subscribe("m-keep", (0, 0))
+        gone = await hub.subscribe("m-gone", (0, 0))
+        await reads.until(keys.stream("m-gone"))
+        hub.unsubscribe(gone)
+        hub.unsubscribe(gone)  # twice is harmless
+        await add(redis, keys, "m-keep", 0)  # ends the current read; the next omits m-gone
+        await take(keep, 1)
+        read = await reads.until(keys.stream("m-gone"), present=False)
+        assert keys.stream("m-keep") in read.streams
+
+
+async def test_a_slow_subscriber_is_dropped_without_holding_up_the_others(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    async with running_hub(settings, redis, queue_size=4) as (hub, _, metrics):
+        slow = await hub.subscribe("m-1", (0, 0))  # never reads
+        fast = await hub.subscribe("m-1", (0, 0))
+        ids = []
+        for n in range(10):
+            ids.append(await add(redis, keys, "m-1", n))
+            (got, _), *_ = await take(fast, 1)  # the fast one gets each entry as it comes
+            assert got == ids[-1]
+            assert slow.overflowed == (n >= 4), n
+        # the slow one kept what fitted and got nothing after it was dropped; it resumes from
+        # Redis with Last-Event-ID = ids[3]
+        assert [slow.queue.get_nowait()[0] for _ in range(4)] == ids[:4]  # type: ignore[index]
+        assert slow.queue.empty()
+        dropped = metrics.registry.get_sample_value("chatpipe_sse_slow_clients_dropped_total")
+        assert dropped == 1
+
+
+async def test_stop_ends_every_subscription(settings: Settings, redis: Redis) -> None:
+    keys = Keys.from_settings(settings)
+    hub, reads, _ = new_hub(settings, redis, 100)
+    hub.start()
+    try:
+        subs = [await hub.subscribe(m, (0, 0)) for m in ("m-1", "m-2")]
+        await reads.until(keys.stream("m-2"))
+        await reads.blocked()
+    finally:
+        await close_hub(hub)
+    for sub in subs:
+        assert sub.queue.get_nowait() is None  # the SSE generator ends on it
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "product bug, api/hub.py Hub.stop(): it only cancels the reader task and waits for "
+        "it. On Python 3.11 redis-py sends each command under asyncio.wait_for, which "
+        "swallows a cancel that lands while the command is being written; the read then "
+        "fails 5 s later with TimeoutError, _run's `except Exception` retries, and stop() "
+        "(the api's shutdown) waits forever. Fix: a `_stopping` flag set by stop() and checked "
+        "by `while not self._stopping` in _run (and re-raise when "
+        "`asyncio.current_task().cancelling()` in the except branch)."
+    ),
+)
+async def test_stop_ends_the_hub_even_when_the_cancel_lands_while_a_read_is_sent(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    hub, reads, _ = new_hub(settings, redis, 100)
+    hub.start()
+    try:
+        sub = await hub.subscribe("m-1", (0, 0))
+        await add(redis, keys, "m-1", 0)
+        await take(sub, 1)
+        await reads.current()  # right after a delivery the hub is sending its next XREAD
+        async with asyncio.timeout(1):  # that read blocks 10 s; its socket times out at 5 s
+            await hub.stop()
+    finally:
+        await close_hub(hub)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "product bug, api/hub.py _run (xread block=10_000) with api/app.py's reader "
+        "`make_redis(settings, max_connections=2)`: redis-py 8's default socket_timeout is "
+        "5 s, so every idle read fails with 'Timeout reading', the connection is dropped, "
+        "hub.healthy flips to False and the hub backs off up to 2 s, delaying the next "
+        "chunks by as much. Fix: give the reader a socket_timeout above the block (e.g. "
+        "make_redis(..., socket_timeout=block + 5 s); make_redis needs the parameter) or "
+        "block for less than the socket timeout."
+    ),
+)
+async def test_an_idle_read_ends_normally_and_the_hub_stays_healthy(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    async with running_hub(settings, redis) as (hub, reads, _):
+        sub = await hub.subscribe("m-1", (0, 0))
+        await add(redis, keys, "m-1", 0)
+        await take(sub, 1)
+        idle = await reads.current()  # nothing more arrives: it blocks for 10 s
+        assert keys.stream("m-1") in idle.streams
+        async with asyncio.timeout(15):
+            error = await idle.ended
+        assert error is None, repr(error)
+        assert hub.healthy
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=asyncio.QueueFull,
+    reason=(
+        "product bug, api/hub.py Hub.stop() (last line): `sub.queue.put_nowait(None)` raises "
+        "QueueFull for a subscriber whose queue is exactly full (a slow client at shutdown), "
+        "so stop() raises out of the api's lifespan and the subscribers after it never get "
+        "their end marker. Fix: on QueueFull mark the subscription overflowed (the SSE "
+        "generator then ends after draining its queue) and go on."
+    ),
+)
+async def test_stop_with_a_full_subscriber_queue_ends_every_subscription(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    hub, reads, _ = new_hub(settings, redis, 2)
+    hub.start()
+    try:
+        full = await hub.subscribe("m-1", (0, 0))
+        reader = await hub.subscribe("m-1", (0, 0))
+        other = await hub.subscribe("m-2", (0, 0))
+        await add(redis, keys, "m-1", 0)
+        await add(redis, keys, "m-1", 1)
+        await take(reader, 2)  # delivered to both at once: `full` now holds 2 of 2
+        assert full.queue.full()
+        assert not full.overflowed
+        await reads.blocked()
+        await hub.stop()
+        left = [full.queue.get_nowait() for _ in range(full.queue.qsize())]
+        # its SSE generator ends: after draining (overflowed) or on the end marker
+        assert full.overflowed or left[-1] is None
+        for sub in (reader, other):
+            assert sub.queue.get_nowait() is None
+    finally:
+        if hub._task is not None:
+            hub._task.cancel()
+            await asyncio.gather(hub._task, return_exceptions=True)
+        await hub.reader.aclose(close_connection_pool=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "product bug, api/hub.py subscribe() + _deliver(): when the last client of a message "
+        "leaves while the hub's XREAD still names that stream (at the old cursor), and a new "
+        "client subscribes before that read returns (a page reload: the old EventSource "
+        "closes, the new one opens without Last-Event-ID), subscribe() sets the cursor to the "
+        "new position but the read in flight returns entries after the OLD cursor; _deliver "
+        "moves the cursor past them, so the new client never gets the entries between its "
+        "position and the old cursor (the start of the answer). Fix: remember the cursor each "
+        "stream was read from and have _deliver drop a response whose start cursor is no "
+        "longer the current one (the next read fetches from the new cursor)."
+    ),
+)
+async def test_a_client_joining_just_after_the_last_one_left_gets_the_whole_stream(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys.from_settings(settings)
+    async with running_hub(settings, redis) as (hub, reads, _):
+        first = await hub.subscribe("m-1", (0, 0))
+        ids = [await add(redis, keys, "m-1", 0)]
+        await take(first, 1)
+        await reads.until(keys.stream("m-1"))  # the hub reads m-1 after ids[0] now
+        await reads.blocked()
+        hub.unsubscribe(first)  # the old tab's SSE connection closes
+        joining = asyncio.create_task(hub.subscribe("m-1", (0, 0)))  # the reloaded page
+        ids.append(await add(redis, keys, "m-1", 1))  # the stream goes on meanwhile
+        second = await joining
+        ids.append(await add(redis, keys, "m-1", 2, "done"))
+        assert after(await until_done(second), (0, 0)) == ids

@@ -1,0 +1,338 @@
+"""The Redis state scripts (chatpipe/state.py) on a real Redis: every message reaches exactly
+one final state, whoever races whom."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from chatpipe.keys import Keys
+from chatpipe.settings import Settings
+from chatpipe.state import State
+
+A, B = "instance-a", "instance-b"
+NOW = "2024-05-01T10:00:00.000000Z"
+# distinct lifetimes, so each TTL read back says which rule set it
+TTLS = {
+    "cancel_ttl_s": 60,
+    "cancel_queued_ttl_s": 7200,
+    "active_ttl_s": 300,
+    "msg_ttl_s": 86_400,
+    "final_ttl_s": 1800,
+    "lease_ms": 10_000,
+}
+
+
+@pytest.fixture
+def state(make_settings: Callable[..., Settings], redis: Redis) -> State:
+    return State(redis, make_settings(**TTLS))
+
+
+@pytest.fixture
+def keys(state: State) -> Keys:
+    return state.keys
+
+
+async def queued(state: State, message_id: str = "m-1", session_id: str = "s-1") -> None:
+    assert await state.accept(message_id, session_id, "u-1", NOW) == "ok"
+
+
+async def streaming(
+    state: State, message_id: str = "m-1", session_id: str = "s-1", owner: str = A
+) -> None:
+    await queued(state, message_id, session_id)
+    claim = await state.claim(message_id, session_id, "u-1", owner, NOW)
+    assert claim.outcome == "start"
+
+
+async def append(state: State, message_id: str, seqs: range) -> None:
+    async with state.redis.pipeline(transaction=False) as pipe:
+        for seq in seqs:
+            state.append(pipe, message_id, "chunk", seq, {"seq": seq, "delta": f"t{seq}"})
+        await pipe.execute()
+
+
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+async def xrange(redis: Redis, key: str) -> StreamEntries:
+    return cast(StreamEntries, await redis.xrange(key))
+
+
+async def events(state: State, message_id: str) -> list[tuple[str, int]]:
+    entries = await xrange(state.redis, state.keys.stream(message_id))
+    return [(f[b"e"].decode(), int(f[b"s"])) for _, f in entries]
+
+
+# --- accept --------------------------------------------------------------------------------
+
+
+async def test_accept_records_a_queued_message_once(state: State, redis: Redis) -> None:
+    assert await state.accept("m-1", "s-1", "u-1", NOW) == "ok"
+    assert await state.accept("m-1", "s-other", "u-2", NOW) == "queued"  # a retry: no overwrite
+    msg = await state.message("m-1")
+    assert (msg["state"], msg["session"], msg["user"], msg["created"]) == (
+        "queued",
+        "s-1",
+        "u-1",
+        NOW,
+    )
+    assert 86_000 < await redis.ttl(state.keys.msg("m-1")) <= 86_400
+
+
+# --- cancel (the api's) --------------------------------------------------------------------
+
+
+async def test_cancel_of_a_queued_message_flags_it_for_the_long_ttl(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state)
+    assert await state.cancel("s-1", "m-1") == "cancelled"
+    assert await redis.get(keys.cancel("s-1", "m-1")) == b"1"
+    assert 7100 < await redis.ttl(keys.cancel("s-1", "m-1")) <= 7200
+    assert await state.check_cancel_flag("s-1", "m-1")
+    assert await state.cancel("s-1", "m-1") == "cancelled"  # every repeated click
+
+
+async def test_cancel_of_a_streaming_message_flags_it_for_the_short_ttl(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state)
+    assert await state.cancel("s-1", "m-1") == "cancelled"
+    assert 0 < await redis.ttl(keys.cancel("s-1", "m-1")) <= 60
+
+
+async def test_cancel_of_an_unknown_message_is_not_found_and_flags_nothing(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    assert await state.cancel("s-1", "nobody") == "not_found"
+    assert not await redis.exists(keys.cancel("s-1", "nobody"), keys.msg("nobody"))
+
+
+async def test_cancel_with_another_session_id_is_not_found(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state, "m-1", "s-1")
+    assert await state.cancel("s-intruder", "m-1") == "not_found"
+    assert not await redis.exists(keys.cancel("s-intruder", "m-1"), keys.cancel("s-1", "m-1"))
+    assert (await state.message("m-1"))["state"] == "queued"
+
+
+async def test_cancel_of_a_finished_message_answers_its_final_state(state: State) -> None:
+    await streaming(state, "m-1")
+    await state.finish("m-1", "s-1", A, "completed", "", 3, NOW)
+    assert await state.cancel("s-1", "m-1") == "completed"
+    await streaming(state, "m-2")
+    await state.finish("m-2", "s-1", A, "failed", "upstream 500", 1, NOW)
+    assert await state.cancel("s-1", "m-2") == "failed"
+    assert not await state.check_cancel_flag("s-1", "m-1")
+
+
+# --- claim ---------------------------------------------------------------------------------
+
+
+async def test_claim_starts_a_queued_message(state: State, redis: Redis, keys: Keys) -> None:
+    await queued(state)
+    claim = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    assert (claim.outcome, claim.restart, claim.next_seq) == ("start", False, 0)
+    msg = await state.message("m-1")
+    assert (msg["state"], msg["owner"], msg["started"]) == ("streaming", A, NOW)
+    assert await state.get_active_stream("s-1") == "m-1"  # the seed's key, for its callers
+    assert 290 < await redis.ttl(keys.active("s-1")) <= 300
+    assert await redis.get(keys.lease("m-1")) == A.encode()
+    assert 9000 < await redis.pttl(keys.lease("m-1")) <= 10_000
+
+
+async def test_claim_of_a_message_never_seen_starts_it(state: State) -> None:
+    claim = await state.claim("m-kafka-only", "s-1", None, A, NOW)  # produced straight to Kafka
+    assert claim.outcome == "start"
+    assert (await state.message("m-kafka-only"))["state"] == "streaming"
+
+
+async def test_claim_when_the_flag_is_set_answers_cancel_and_never_streams(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state)
+    assert await state.cancel("s-1", "m-1") == "cancelled"
+    claim = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    assert claim.outcome == "cancel"
+    assert (await state.message("m-1"))["state"] == "queued"
+    assert not await redis.exists(keys.active("s-1"))
+    done = await state.finish("m-1", "s-1", A, "cancelled", "cancelled by user", 0, NOW)
+    assert (done.state, done.already) == ("cancelled", False)
+    assert await events(state, "m-1") == [("done", 0)]
+
+
+async def test_claim_of_a_final_message_answers_final(state: State) -> None:
+    await streaming(state)
+    await state.finish("m-1", "s-1", A, "completed", "", 1, NOW)
+    claim = await state.claim("m-1", "s-1", "u-1", B, NOW)  # a redelivery after a rebalance
+    assert (claim.outcome, claim.detail) == ("final", "completed")
+
+
+async def test_claim_while_another_instance_holds_the_lease_answers_owned(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state, owner=A)
+    claim = await state.claim("m-1", "s-1", "u-1", B, NOW)
+    assert (claim.outcome, claim.detail) == ("owned", A)
+    assert await redis.get(keys.lease("m-1")) == A.encode()
+    assert (await state.message("m-1"))["owner"] == A
+
+
+async def test_two_instances_claiming_at_once_only_one_starts(state: State) -> None:
+    await queued(state)
+    claims = await asyncio.gather(
+        state.claim("m-1", "s-1", "u-1", A, NOW), state.claim("m-1", "s-1", "u-1", B, NOW)
+    )
+    assert sorted(c.outcome for c in claims) == ["owned", "start"]
+
+
+async def test_claim_after_the_lease_vanished_restarts_after_the_last_seq(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state, owner=A)
+    await append(state, "m-1", range(6))  # started 0 + chunks: A got to seq 5, then died
+    await redis.delete(keys.lease("m-1"))  # its lease lapsed
+    claim = await state.claim("m-1", "s-1", "u-1", B, NOW)
+    assert (claim.outcome, claim.restart, claim.next_seq) == ("start", True, 6)
+    msg = await state.message("m-1")
+    assert (msg["state"], msg["owner"]) == ("streaming", B)
+    assert await redis.get(keys.lease("m-1")) == B.encode()
+
+
+# --- finish --------------------------------------------------------------------------------
+
+
+async def test_finish_is_exactly_once(state: State, redis: Redis, keys: Keys) -> None:
+    await streaming(state)
+    first = await state.finish("m-1", "s-1", A, "completed", "", 4, NOW)
+    assert (first.state, first.already) == ("completed", False)
+    assert first.stream_id
+    second = await state.finish("m-1", "s-1", A, "failed", "late error", 5, NOW)
+    assert (second.state, second.already) == ("completed", True)
+    assert await events(state, "m-1") == [("done", 4)]  # one terminal event on the stream
+    msg = await state.message("m-1")
+    assert (msg["state"], msg["finished"]) == ("completed", NOW)
+    assert not await redis.exists(keys.lease("m-1"))
+    assert 1700 < await redis.ttl(keys.msg("m-1")) <= 1800
+    assert 1700 < await redis.ttl(keys.stream("m-1")) <= 1800
+
+
+async def test_finish_completed_while_the_flag_is_set_ends_cancelled(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state)
+    assert await state.cancel("s-1", "m-1") == "cancelled"
+    done = await state.finish("m-1", "s-1", A, "completed", "", 9, NOW)
+    assert (done.state, done.reason) == ("cancelled", "cancelled by user")
+    assert (await state.message("m-1"))["state"] == "cancelled"
+    assert not await redis.exists(keys.cancel("s-1", "m-1"))  # the flag did its work
+    entries = await xrange(redis, keys.stream("m-1"))
+    fields = entries[-1][1]
+    assert (fields[b"e"], fields[b"s"]) == (b"done", b"9")
+    assert orjson.loads(fields[b"d"]) == {"status": "cancelled", "reason": "cancelled by user"}
+
+
+async def test_cancel_racing_finish_agrees_with_the_final_state(state: State) -> None:
+    for i in range(20):
+        m = f"m-{i}"
+        await streaming(state, m)
+        answer, done = await asyncio.gather(
+            state.cancel("s-1", m), state.finish(m, "s-1", A, "completed", "", 2, NOW)
+        )
+        # the user is told what really happened, whichever script ran first
+        assert answer == done.state, (answer, done)
+
+
+async def test_finish_deletes_the_active_key_only_if_it_names_this_message(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state, "m-1", "s-1")
+    await redis.set(keys.active("s-1"), "m-2")  # the session's next message is streaming now
+    await state.finish("m-1", "s-1", A, "completed", "", 1, NOW)
+    assert await state.get_active_stream("s-1") == "m-2"
+    await redis.delete(keys.lease("m-1"))
+    await streaming(state, "m-3", "s-1")
+    await state.finish("m-3", "s-1", A, "completed", "", 1, NOW)
+    assert await state.get_active_stream("s-1") is None
+
+
+async def test_finish_by_an_instance_that_lost_the_lease_changes_nothing(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state, owner=A)
+    await redis.set(keys.lease("m-1"), B)  # B took over
+    done = await state.finish("m-1", "s-1", A, "completed", "", 3, NOW)
+    assert (done.state, done.already) == (f"owned:{B}", True)
+    assert (await state.message("m-1"))["state"] == "streaming"
+    assert await events(state, "m-1") == []
+
+
+# --- the listener's mirror -----------------------------------------------------------------
+
+
+async def mirror(state: State, session_id: str, message_id: str) -> int:
+    async with state.redis.pipeline(transaction=False) as pipe:
+        await state.mirror_cancel(pipe, session_id, message_id)
+        (result,) = await pipe.execute()
+    return int(result)
+
+
+async def test_mirror_cancel_flags_unknown_queued_and_streaming_messages(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    # a Spring frontend may cancel a message whose request nobody has consumed yet
+    assert await mirror(state, "s-1", "m-unknown") == 1
+    assert 7100 < await redis.ttl(keys.cancel("s-1", "m-unknown")) <= 7200
+    await queued(state, "m-q")
+    assert await mirror(state, "s-1", "m-q") == 1
+    assert 7100 < await redis.ttl(keys.cancel("s-1", "m-q")) <= 7200
+    await streaming(state, "m-s")
+    assert await mirror(state, "s-1", "m-s") == 1
+    assert 0 < await redis.ttl(keys.cancel("s-1", "m-s")) <= 60
+    assert not await redis.exists(keys.msg("m-unknown"))  # it flags, it invents no message
+
+
+async def test_mirror_cancel_of_a_final_message_flags_nothing(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state)
+    await state.finish("m-1", "s-1", A, "completed", "", 1, NOW)
+    assert await mirror(state, "s-1", "m-1") == 0
+    assert not await redis.exists(keys.cancel("s-1", "m-1"))
+
+
+# --- leases --------------------------------------------------------------------------------
+
+
+async def test_refresh_extends_own_leases_and_active_keys(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state, "m-1", "s-1", owner=A)
+    await redis.pexpire(keys.lease("m-1"), 500)
+    await redis.expire(keys.active("s-1"), 5)
+    assert await state.refresh_leases([("m-1", "s-1")], A) == []
+    assert 9000 < await redis.pttl(keys.lease("m-1")) <= 10_000
+    assert 290 < await redis.ttl(keys.active("s-1")) <= 300
+
+
+async def test_refresh_retakes_a_vanished_lease_and_reports_one_held_by_another(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state, "m-1", "s-1", owner=A)
+    await streaming(state, "m-2", "s-2", owner=A)
+    await streaming(state, "m-3", "s-3", owner=A)
+    await redis.delete(keys.lease("m-1"))  # Redis restarted empty, say
+    await redis.set(keys.lease("m-2"), B)  # B took m-2 over
+    owned = [("m-1", "s-1"), ("m-2", "s-2"), ("m-3", "s-3")]
+    assert await state.refresh_leases(owned, A) == [1]
+    assert await redis.get(keys.lease("m-1")) == A.encode()
+    assert await redis.get(keys.lease("m-2")) == B.encode()  # not stolen back
+    assert await redis.get(keys.lease("m-3")) == A.encode()
+    assert await state.refresh_leases([], A) == []

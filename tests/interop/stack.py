@@ -1,0 +1,339 @@
+"""Real chatpipe processes for the interop tests: one `python -m api` and one
+`python -m ai_consumer` in a test's namespace, plus small helpers to read topics and SSE.
+
+Everything waits on events with deadlines: a process's output is read line by line as it comes
+(a condition is notified per line), the api's /ready is polled until a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from chatpipe.clients import make_admin
+from chatpipe.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class StackError(AssertionError):
+    """A process did not start, died, or something did not happen before its deadline."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Proc:
+    """A subprocess whose merged stdout/stderr is read line by line into `lines` (and a file)."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    lines: list[str] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    eof: bool = False
+    _reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        log_path: Path,
+        merge_stderr: bool = True,
+    ) -> Proc:
+        # stderr merged into the lines, or (a tool whose stdout is data) into its own file
+        with contextlib.ExitStack() as files:
+            stderr: int | Any = asyncio.subprocess.STDOUT
+            if not merge_stderr:
+                stderr = files.enter_context(log_path.with_suffix(".stderr").open("ab"))
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                env=dict(env),
+                cwd=cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+                limit=4 * 1024 * 1024,
+            )
+        proc = cls(name, process, log_path)
+        proc._reader = asyncio.create_task(proc._read(), name=f"read-{name}")
+        return proc
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        with self.log_path.open("a", encoding="utf-8") as log:
+            while True:
+                raw = await self.process.stdout.readline()
+                async with self.changed:
+                    if not raw:
+                        self.eof = True
+                        self.changed.notify_all()
+                        return
+                    line = raw.decode(errors="replace").rstrip("\n")
+                    log.write(line + "\n")
+                    log.flush()
+                    self.lines.append(line)
+                    self.changed.notify_all()
+
+    async def wait_for(self, what: str, predicate: Callable[[str], bool], within: float) -> str:
+        """The first output line matching `predicate` (earlier lines count too)."""
+        seen = 0
+
+        def found() -> str | None:
+            nonlocal seen
+            for line in self.lines[seen:]:
+                if predicate(line):
+                    return line
+            seen = len(self.lines)
+            return None
+
+        async def wait() -> str:
+            async with self.changed:
+                while True:
+                    line = found()
+                    if line is not None:
+                        return line
+                    if self.eof:
+                        raise StackError(
+                            f"{self.name} exited (code {await self.process.wait()}) before "
+                            f"{what}:\n{self.tail()}"
+                        )
+                    await self.changed.wait()
+
+        try:
+            return await asyncio.wait_for(wait(), within)
+        except TimeoutError:
+            raise StackError(f"{self.name}: no {what} within {within:g}s:\n{self.tail()}") from None
+
+    async def wait_exit(self, within: float) -> int:
+        try:
+            code = await asyncio.wait_for(self.process.wait(), within)
+        except TimeoutError:
+            raise StackError(
+                f"{self.name} still running after {within:g}s:\n{self.tail()}"
+            ) from None
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, 10)
+        return code
+
+    def tail(self, n: int = 40) -> str:
+        text = "\n".join(self.lines[-n:])
+        err = self.log_path.with_suffix(".stderr")
+        if err.is_file():
+            text += "\n--- stderr ---\n" + "\n".join(
+                err.read_text(errors="replace").splitlines()[-n:]
+            )
+        return text
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.lines:
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    async def stop(self, within: float = 10.0) -> int | None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), within)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+        return self.process.returncode
+
+
+def process_env(values: Mapping[str, object]) -> dict[str, str]:
+    """Our environment without inherited chatpipe settings, plus `values` upper-cased."""
+    names = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    for key, value in values.items():
+        env[key.upper()] = str(value)
+    return env
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    api: Proc
+    consumer: Proc
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def _wait_ready(stack: Stack, within: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last = ""
+    async with httpx.AsyncClient(base_url=stack.url, timeout=2.0) as http:
+        while True:
+            if stack.api.process.returncode is not None:
+                raise StackError(f"api exited before /ready:\n{stack.api.tail()}")
+            try:
+                r = await http.get("/ready")
+                if r.status_code == 200:
+                    return
+                last = f"{r.status_code} {r.text}"
+            except httpx.TransportError as e:
+                last = repr(e)
+            if loop.time() >= deadline:
+                raise StackError(f"api not ready within {within:g}s ({last}):\n{stack.api.tail()}")
+            await asyncio.sleep(0.1)  # sleep-ok: poll interval of /ready, nothing to wait on
+
+
+@contextlib.asynccontextmanager
+async def chatpipe_stack(
+    settings: Settings, workdir: Path, **overrides: object
+) -> AsyncIterator[Stack]:
+    """One api and one ai_consumer (with its in-process cancel listener) for `settings`'
+    namespace; yields once the api is ready, the consumer owns every partition of chat.requests
+    and its cancel listener has replayed chat.cancels."""
+    port = free_port()
+    values: dict[str, object] = {
+        "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
+        "redis_url": settings.redis_url,
+        "topic_prefix": settings.topic_prefix,
+        "key_prefix": settings.key_prefix,
+        "consumer_group": settings.consumer_group,
+        "topic_partitions": settings.topic_partitions,
+        "api_port": port,
+        "log_format": "text",
+        "sim_tokens": 20,
+        "sim_token_delay_ms": 5,
+        "sse_unknown_grace_ms": 10_000,  # a request produced straight to Kafka may lag
+    }
+    values.update(overrides)
+    api = await Proc.start(
+        "api",
+        [sys.executable, "-m", "api"],
+        process_env({**values, "instance_id": f"api-{settings.topic_prefix}"}),
+        workdir,
+        workdir / "api.log",
+    )
+    consumer = await Proc.start(
+        "ai_consumer",
+        [sys.executable, "-m", "ai_consumer"],
+        process_env({**values, "instance_id": f"ai-{settings.topic_prefix}"}),
+        workdir,
+        workdir / "ai_consumer.log",
+    )
+    stack = Stack(settings, api, consumer, port)
+    try:
+        await consumer.wait_for(
+            "'partitions assigned' log line", lambda line: "partitions assigned: [" in line, 60
+        )
+        await consumer.wait_for(
+            "cancel listener replay", lambda line: f"replayed {settings.cancels_topic}" in line, 60
+        )
+        await _wait_ready(stack, 60)
+        yield stack
+    finally:
+        await asyncio.gather(api.stop(), consumer.stop())
+
+
+# --- Kafka and SSE readers ----------------------------------------------------------------
+
+
+async def partitions_of(settings: Settings, topic: str) -> list[int]:
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        meta = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    found = sorted(p["partition"] for t in meta if t["topic"] == topic for p in t["partitions"])
+    assert found, f"no partitions for {topic}: {meta}"
+    return found
+
+
+async def read_topic(settings: Settings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic` now (from the beginning to the end offsets), in offset order
+    per partition."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        out: list[ConsumerRecord[bytes, bytes]] = []
+        async with asyncio.timeout(30):
+            while True:
+                behind = [tp for tp in parts if await consumer.position(tp) < end[tp]]
+                if not behind:
+                    break
+                batch = await consumer.getmany(*behind, timeout_ms=500)
+                for records in batch.values():
+                    out.extend(records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def headers_of(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
+    return {k: (v or b"").decode(errors="replace") for k, v in record.headers or ()}
+
+
+@dataclass
+class SseEvent:
+    event: str
+    data: dict[str, Any]
+    id: str | None
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
+    """Parse a `text/event-stream` body into events (comments and heartbeats skipped)."""
+    event, event_id = "message", None
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield SseEvent(event, json.loads("\n".join(data)), event_id)
+            event, data, event_id = "message", [], None
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                event_id = value
