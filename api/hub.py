@@ -72,17 +72,23 @@ class Hub:
         self._wake_pending = False
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sse-hub")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._changed.set()
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for subs in self._subs.values():
             for sub in subs:
-                sub.queue.put_nowait(None)
+                try:
+                    sub.queue.put_nowait(None)
+                except asyncio.QueueFull:
+                    sub.overflowed = True
 
     async def subscribe(self, message_id: str, after: StreamId) -> Subscription:
         sub = Subscription(message_id, after, asyncio.Queue(self.queue_size))
@@ -127,7 +133,7 @@ class Hub:
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             if not self._cursors:
                 await self._changed.wait()
             self._changed.clear()
@@ -144,6 +150,8 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self._stopping:
+                    return
                 self.healthy = False
                 log.warning("sse hub read failed, retrying in %.1fs: %s", backoff, e)
                 await asyncio.sleep(backoff)

@@ -42,10 +42,7 @@ class ContractModel(BaseModel):
 
 
 def _aware(value: Any) -> Any:
-    """Read a date without an offset (Jackson's LocalDateTime, hand-written producers) as UTC;
-    a null date (Jackson writes unset fields as null) means now, like an absent one."""
-    if value is None:
-        return utcnow()
+    """Read a date without an offset (Jackson's LocalDateTime, hand-written producers) as UTC."""
     if isinstance(value, str) and value and value[-1].isdigit() and "T" in value:
         tail = value.split("T", 1)[1]
         if "+" not in tail and "-" not in tail:

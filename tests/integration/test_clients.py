@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from chatpipe.clients import make_redis
 from chatpipe.settings import Settings
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug, chatpipe/clients.py make_redis (last line): `Redis(connection_pool=pool)` "
-        "does not own its pool, so `await client.aclose()` (what every __main__ and lifespan "
-        "calls on shutdown) leaves the pooled connections open. Fix: `return Redis.from_pool(pool)`."
-    ),
-)
 async def test_closing_a_client_from_make_redis_closes_its_connections(settings: Settings) -> None:
     client = make_redis(settings, max_connections=4)
     pool = client.connection_pool

@@ -256,18 +256,6 @@ async def test_stop_ends_every_subscription(settings: Settings, redis: Redis) ->
         assert sub.queue.get_nowait() is None  # the SSE generator ends on it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug, api/hub.py Hub.stop(): it only cancels the reader task and waits for "
-        "it. On Python 3.11 redis-py sends each command under asyncio.wait_for, which "
-        "swallows a cancel that lands while the command is being written; the read then "
-        "fails 5 s later with TimeoutError, _run's `except Exception` retries, and stop() "
-        "(the api's shutdown) waits forever. Fix: a `_stopping` flag set by stop() and checked "
-        "by `while not self._stopping` in _run (and re-raise when "
-        "`asyncio.current_task().cancelling()` in the except branch)."
-    ),
-)
 async def test_stop_ends_the_hub_even_when_the_cancel_lands_while_a_read_is_sent(
     settings: Settings, redis: Redis
 ) -> None:
@@ -285,18 +273,6 @@ async def test_stop_ends_the_hub_even_when_the_cancel_lands_while_a_read_is_sent
         await close_hub(hub)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug, api/hub.py _run (xread block=10_000) with api/app.py's reader "
-        "`make_redis(settings, max_connections=2)`: redis-py 8's default socket_timeout is "
-        "5 s, so every idle read fails with 'Timeout reading', the connection is dropped, "
-        "hub.healthy flips to False and the hub backs off up to 2 s, delaying the next "
-        "chunks by as much. Fix: give the reader a socket_timeout above the block (e.g. "
-        "make_redis(..., socket_timeout=block + 5 s); make_redis needs the parameter) or "
-        "block for less than the socket timeout."
-    ),
-)
 async def test_an_idle_read_ends_normally_and_the_hub_stays_healthy(
     settings: Settings, redis: Redis
 ) -> None:
@@ -313,17 +289,6 @@ async def test_an_idle_read_ends_normally_and_the_hub_stays_healthy(
         assert hub.healthy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=asyncio.QueueFull,
-    reason=(
-        "product bug, api/hub.py Hub.stop() (last line): `sub.queue.put_nowait(None)` raises "
-        "QueueFull for a subscriber whose queue is exactly full (a slow client at shutdown), "
-        "so stop() raises out of the api's lifespan and the subscribers after it never get "
-        "their end marker. Fix: on QueueFull mark the subscription overflowed (the SSE "
-        "generator then ends after draining its queue) and go on."
-    ),
-)
 async def test_stop_with_a_full_subscriber_queue_ends_every_subscription(
     settings: Settings, redis: Redis
 ) -> None:

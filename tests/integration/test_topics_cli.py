@@ -150,16 +150,6 @@ async def test_wrong_partition_count_is_reported(
         await delete_topics(admin, s)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug, chatpipe/topics.py ensure_topics, lines 114-118: after create_topics it "
-        "describes the new topics once; a broker busy deleting topics answers "
-        "UNKNOWN_TOPIC_OR_PARTITION for ~50 ms, and ensure_topics raises TopicDrift "
-        "'not visible after create' although the topics were created. Fix: poll _actual() "
-        "for the created names with a deadline (e.g. 10 s) before comparing."
-    ),
-)
 async def test_ensure_topics_right_after_other_topics_were_deleted(
     settings: Settings, admin: AIOKafkaAdminClient
 ) -> None:

@@ -299,12 +299,6 @@ async def test_cancelling_the_task_closes_the_upstream(upstream: FakeOpenAI) -> 
     assert call.disconnected_at - sent < WITHIN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ai_consumer/interrupt.py: when the task iterating until_set() is cancelled, the "
-    "pending step task is left running and until_set's finally calls aclose() on a running "
-    "generator (RuntimeError), so the upstream stays open; remove this mark once fixed",
-)
 async def test_cancelling_the_task_inside_until_set_closes_the_upstream(
     upstream: FakeOpenAI,
 ) -> None:

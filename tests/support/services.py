@@ -49,6 +49,9 @@ def services() -> Iterator[Services | None]:
     from testcontainers.kafka import KafkaContainer
     from testcontainers.redis import RedisContainer
 
-    with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as k, RedisContainer("redis:7") as r:
+    with (
+        KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as k,
+        RedisContainer("redis:7") as r,
+    ):
         host, port = r.get_container_host_ip(), r.get_exposed_port(6379)
         yield Services(k.get_bootstrap_server(), f"redis://{host}:{port}/0", "testcontainers")

@@ -110,19 +110,6 @@ async def test_source_error_reaches_the_consumer() -> None:
     assert got == ["a"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug, ai_consumer/interrupt.py until_set (finally block): when the task "
-        "iterating it is cancelled (Worker._drain -> lanes.cancel_all() at shutdown) while the "
-        "source waits for its next token, the pending `anext` step is neither cancelled nor "
-        "awaited, so `source.aclose()` raises RuntimeError('aclose(): asynchronous generator is "
-        "already running'): the cancel turns into an error (Lanes logs 'handler crashed'), the "
-        "provider's upstream stream stays open and the step task leaks. Fix: keep `step` "
-        "outside the loop and in `finally` cancel and await it (suppressing CancelledError and "
-        "StopAsyncIteration) before `aclose()`."
-    ),
-)
 async def test_cancelling_the_consumer_while_the_source_blocks_closes_the_source() -> None:
     source = Source(["a"])
 
