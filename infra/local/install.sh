@@ -72,7 +72,7 @@ install_python() {
   key="$("$PYTHON" -c 'import sys; print(sys.executable)') $(sha256sum "${ROOT}/pyproject.toml" | cut -d' ' -f1)"
   stamp="${CACHE_DIR}/python-$(printf '%s' "$ROOT" | sha256sum | cut -c1-16).stamp"
   if [[ -z "$FORCE" && -f "$stamp" && "$(cat "$stamp")" == "$key" ]] \
-      && (cd / && "$PYTHON" -c 'import chatpipe') >/dev/null 2>&1; then
+      && (cd / && "$PYTHON" -c 'import chatpipe, sys; sys.exit(not chatpipe.__file__.startswith(sys.argv[1]))' "$ROOT") >/dev/null 2>&1; then
     log "Python package already installed for $("$PYTHON" --version 2>&1) (pyproject.toml unchanged)"
     return 0
   fi
