@@ -83,9 +83,12 @@ async def topics(settings: Settings) -> AsyncIterator[Settings]:
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A client of the real Redis; deletes this test's keys (its key prefix) afterwards."""
     client = make_redis(settings, max_connections=16)
-    yield client
-    keys = [k async for k in client.scan_iter(match=f"{settings.key_prefix}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    try:
+        yield client
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{settings.key_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()

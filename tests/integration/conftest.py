@@ -1,15 +1,8 @@
 """Fixtures of the integration tests: clients on the real broker and Redis, in the test's
 namespace (the shared `settings`, `redis` fixtures of tests/conftest.py).
 
-Two shared fixtures are overridden here, each working around a product bug that has its own
-strict xfail test (so the bug stays visible while tests about other things do not fail on it):
-
-- `topics`: the shared one calls `ensure_topics`, which fails at random with "not visible after
-  create" (test_topics_cli.py::test_ensure_topics_right_after_other_topics_were_deleted). This
-  one waits for the broker's metadata to show the new topics and checks them again.
-- `redis`: `make_redis` returns a client that does not own its pool, so `aclose()` leaves the
-  connections open and they surface later as ResourceWarnings, errors under
-  `filterwarnings = error` (test_clients.py). This one closes the pool too.
+The shared `topics` fixture is overridden here: it waits for the broker's metadata to show the
+new topics and checks them again (a workaround kept from before `ensure_topics` retried itself).
 """
 
 from __future__ import annotations
@@ -20,9 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from redis.asyncio import Redis
 
-from chatpipe.clients import make_admin, make_producer, make_redis
+from chatpipe.clients import make_admin, make_producer
 from chatpipe.errors import TopicDrift
 from chatpipe.settings import Settings
 from chatpipe.topics import ensure_topics, topic_specs
@@ -84,16 +76,3 @@ async def producer(topics: Settings) -> AsyncIterator[AIOKafkaProducer]:
         yield p
     finally:
         await p.stop()
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    """A client of the real Redis; deletes this test's keys (its key prefix) afterwards."""
-    client = make_redis(settings, max_connections=16)
-    try:
-        yield client
-    finally:
-        keys = [k async for k in client.scan_iter(match=f"{settings.key_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose(close_connection_pool=True)

@@ -1,5 +1,5 @@
-"""The provider tests' `topics` and `redis` fixtures (see tests/providers/conftest.py)."""
+"""The provider tests' `topics` fixture (see tests/providers/conftest.py)."""
 
-from tests.providers.conftest import redis, topics
+from tests.providers.conftest import topics
 
-__all__ = ["redis", "topics"]
+__all__ = ["topics"]
