@@ -19,10 +19,8 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from chatpipe.clients import make_admin
-from chatpipe.errors import TopicDrift
 from chatpipe.settings import Settings
 from chatpipe.topics import ensure_topics, topic_specs
 from tests.conftest import namespace
@@ -81,19 +79,7 @@ def cluster_topics(cluster_settings: Settings) -> Iterator[Settings]:
         admin = make_admin(cluster_settings)
         await admin.start()
         try:
-            # ensure_topics looks once, right after creating, and a broker busy deleting the
-            # previous module's topics may not show the new ones yet ("not visible after
-            # create"; test_topics.py shows it). It is idempotent: look again until a deadline.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
-            while True:
-                try:
-                    await ensure_topics(admin, cluster_settings)
-                    return
-                except TopicDrift as e:
-                    if "not visible" not in str(e) or loop.time() > deadline:
-                        raise
-                await asyncio.sleep(0.2)  # sleep-ok: poll interval, nothing to wait on
+            await ensure_topics(admin, cluster_settings)
         finally:
             await admin.close()
 
@@ -129,17 +115,6 @@ def cluster(
     workdir = tmp_path_factory.mktemp(f"cluster-{cluster_topics.topic_prefix.rstrip('.')}")
     with Cluster(cluster_topics, workdir, env=cluster_env).running(timeout=60) as running:
         yield running
-
-
-@pytest.fixture
-def redis(redis: Redis) -> Redis:
-    """The shared `redis` fixture (it cleans the namespace's keys afterwards), made to close its
-    connections when it closes: `make_redis` builds `Redis(connection_pool=pool)`, which does
-    not own its pool, so `aclose()` leaves the connections open and they end as
-    ResourceWarnings (errors under `filterwarnings = error`). test_redis_client.py shows the
-    bug; drop this override once `make_redis` returns `Redis.from_pool(pool)`."""
-    redis.auto_close_connection_pool = True
-    return redis
 
 
 @dataclass

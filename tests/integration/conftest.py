@@ -1,8 +1,5 @@
 """Fixtures of the integration tests: clients on the real broker and Redis, in the test's
-namespace (the shared `settings`, `redis` fixtures of tests/conftest.py).
-
-The shared `topics` fixture is overridden here: it waits for the broker's metadata to show the
-new topics and checks them again (a workaround kept from before `ensure_topics` retried itself).
+namespace (the shared `settings`, `topics`, `redis` fixtures of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,9 +12,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from chatpipe.clients import make_admin, make_producer
-from chatpipe.errors import TopicDrift
 from chatpipe.settings import Settings
-from chatpipe.topics import ensure_topics, topic_specs
+from chatpipe.topics import topic_specs
 
 
 async def wait_visible(settings: Settings, names: list[str]) -> None:
@@ -30,16 +26,6 @@ async def wait_visible(settings: Settings, names: list[str]) -> None:
             await producer.partitions_for(name)
     finally:
         await producer.stop()
-
-
-async def create_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
-    try:
-        await ensure_topics(admin, settings)
-    except TopicDrift as e:
-        if "not visible after create" not in str(e):
-            raise
-        await wait_visible(settings, [t.name for t in topic_specs(settings)])
-        await ensure_topics(admin, settings)  # they exist now: this checks their configs
 
 
 async def delete_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
@@ -55,16 +41,6 @@ async def admin(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
         yield client
     finally:
         await client.close()
-
-
-@pytest.fixture
-async def topics(settings: Settings, admin: AIOKafkaAdminClient) -> AsyncIterator[Settings]:
-    """Creates this test's topics, deletes them afterwards; yields the settings naming them."""
-    try:
-        await create_topics(admin, settings)
-        yield settings
-    finally:
-        await delete_topics(admin, settings)
 
 
 @pytest.fixture

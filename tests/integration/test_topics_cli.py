@@ -8,7 +8,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from chatpipe.settings import Settings
@@ -16,7 +15,6 @@ from chatpipe.topics import ensure_topics, topic_specs
 from tests.integration.conftest import delete_topics, wait_visible
 
 ROOT = Path(__file__).resolve().parents[2]
-KNOWN_BUG = "not visible after create"
 
 
 @dataclass
@@ -71,10 +69,8 @@ async def test_first_run_creates_the_topics_second_run_changes_nothing(
     s = space(settings, "cli")
     try:
         first = await chatpipe_topics(s, tmp_path)
-        hit_known_bug = first.code != 0 and KNOWN_BUG in first.err
-        if not hit_known_bug:
-            assert first.code == 0, first.err
-            assert first.out.split("\n")[:-1] == [f"created   {n}" for n in names(s)]
+        assert first.code == 0, first.err
+        assert first.out.split("\n")[:-1] == [f"created   {n}" for n in names(s)]
         second = await chatpipe_topics(s, tmp_path)
         assert second.code == 0, second.err
         assert second.out.split("\n")[:-1] == [f"ok        {n}" for n in names(s)]
@@ -85,8 +81,6 @@ async def test_first_run_creates_the_topics_second_run_changes_nothing(
         assert report.unchanged == names(s)
     finally:
         await delete_topics(admin, s)
-    if hit_known_bug:
-        pytest.xfail(f"product bug on the first run, see the strict xfail below: {first.err}")
 
 
 async def precreate(

@@ -432,7 +432,7 @@ def _check_record(name: str, value: Json, record_headers: dict[str, str]) -> Non
         assert re.fullmatch(contract.TRACEPARENT_PATTERN, record_headers["traceparent"])
 
 
-async def test_real_records_validate(topics: Settings, ns_redis: Redis, tmp_path: Path) -> None:
+async def test_real_records_validate(topics: Settings, redis: Redis, tmp_path: Path) -> None:
     """The api, the ai_consumer and a camelCase producer write real records; every one of them
     (requests, cancels, tombstones, responses) matches the committed contract."""
     settings = topics
@@ -495,8 +495,8 @@ async def test_real_records_validate(topics: Settings, ns_redis: Redis, tmp_path
                         break
             assert done == {"m-short": "completed", "m-camel": "completed", "m-long": "cancelled"}
             msg = Keys.from_settings(settings).msg
-            assert await ns_redis.hget(msg("m-long"), "state") == b"cancelled"
-            assert await ns_redis.hget(msg("m-camel"), "state") == b"completed"
+            assert await redis.hget(msg("m-long"), "state") == b"cancelled"
+            assert await redis.hget(msg("m-camel"), "state") == b"completed"
 
         # the tombstone is written right after chat.cancelled: wait for it with a deadline
         async with asyncio.timeout(20):

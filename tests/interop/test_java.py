@@ -94,7 +94,7 @@ def check_event_fields(event: Json, prefix: str) -> None:
 
 @pytest.mark.parametrize("jackson", JACKSONS)
 async def test_a_spring_request_is_answered_to_a_spring_consumer(
-    java: Java, topics: Settings, ns_redis: Redis, tmp_path: Path, jackson: int
+    java: Java, topics: Settings, redis: Redis, tmp_path: Path, jackson: int
 ) -> None:
     settings = topics
     session_id, message_id = "s-spring", f"m-java-{jackson}"
@@ -139,7 +139,7 @@ async def test_a_spring_request_is_answered_to_a_spring_consumer(
 
 @pytest.mark.parametrize("jackson", JACKSONS)
 async def test_a_spring_cancel_stops_a_spring_request(
-    java: Java, topics: Settings, ns_redis: Redis, tmp_path: Path, jackson: int
+    java: Java, topics: Settings, redis: Redis, tmp_path: Path, jackson: int
 ) -> None:
     settings = topics
     session_id, message_id = "s-spring", f"m-long-{jackson}"
@@ -170,7 +170,7 @@ async def test_a_spring_cancel_stops_a_spring_request(
         assert chunks == sorted(set(chunks))
         assert len(chunks) < tokens
         assert await consumer.wait_exit(30) == 0, consumer.tail()
-        state = await ns_redis.hget(Keys.from_settings(settings).msg(message_id), "state")
+        state = await redis.hget(Keys.from_settings(settings).msg(message_id), "state")
         assert state == b"cancelled"
 
         # chatpipe tombstones the Spring cancel's own key: compaction can drop it

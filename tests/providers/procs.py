@@ -23,10 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from chatpipe.clients import make_admin
-from chatpipe.errors import TopicDrift
 from chatpipe.settings import Settings
-from chatpipe.topics import ensure_topics, topic_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 Line = dict[str, Any]
@@ -225,35 +222,3 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SSEEvent]:
             data.append(value)
         elif name == "id":
             ident = value
-
-
-async def create_topics(settings: Settings) -> None:
-    """`ensure_topics`, retried while the broker's metadata has not caught up with the create.
-
-    Workaround: chatpipe.topics.ensure_topics describes the topics right after CreateTopics and
-    raises "not visible after create" when the broker's metadata cache lags the controller by a
-    few milliseconds (often on a busy machine). A second call finds them existing and checks
-    them. Drop this once ensure_topics waits for visibility itself.
-    """
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        for attempt in range(50):
-            try:
-                await ensure_topics(admin, settings)
-                return
-            except TopicDrift as e:
-                if "not visible after create" not in str(e) or attempt == 49:
-                    raise
-    finally:
-        await admin.close()
-
-
-async def delete_topics(settings: Settings) -> None:
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        with contextlib.suppress(Exception):
-            await admin.delete_topics([t.name for t in topic_specs(settings)])
-    finally:
-        await admin.close()

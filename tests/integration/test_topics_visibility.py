@@ -1,11 +1,8 @@
-"""A product bug found by the e2e suite, as a minimal failing test (belongs in tests/integration).
+"""Regression test: `ensure_topics` right after other topics were deleted.
 
-`chatpipe.topics.ensure_topics` creates the missing topics and then describes them once; when
-the broker is still busy (here: deleting other topics, as the `topics` fixture does after every
-test and `cluster_topics` after every module), the new topics are not in its metadata yet and
-ensure_topics raises `TopicDrift("... not visible after create")` although they were created.
-`chatpipe topics` and every test creating topics fail at random. Fix: after create_topics, poll
-`_actual()` with a deadline (say 10 s) until every created topic is described without error.
+A broker busy deleting topics (the `topics` fixture after every test, `cluster_topics` after
+every module) lists newly created topics a moment late; ensure_topics used to describe them once
+and raise `TopicDrift("... not visible after create")`. It now polls until they are visible.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ async def test_ensure_topics_right_after_other_topics_were_deleted(settings: Set
         await ensure_topics(admin, spaces[0])
         for previous, current in itertools.pairwise(spaces):
             await admin.delete_topics([t.name for t in topic_specs(previous)])
-            await ensure_topics(admin, current)  # raises TopicDrift: not visible after create
+            await ensure_topics(admin, current)
     finally:
         for space in spaces:
             with contextlib.suppress(Exception):  # already deleted, or never created
