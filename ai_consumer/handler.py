@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from redis.exceptions import RedisError
 
 from ai_consumer.interrupt import until_set
 from ai_consumer.llm import Provider, ProviderError
@@ -16,10 +17,12 @@ from ai_consumer.registry import LocalStream, Registry
 from ai_consumer.sink import Outgoing, Sink
 from chatpipe.errors import ChatpipeError
 from chatpipe.keys import cancel_record_key
+from chatpipe.logs import log_context
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatRequest, rfc3339, utcnow
 from chatpipe.settings import Settings
 from chatpipe.state import State
+from chatpipe.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,10 @@ class Handler:
         provider: Provider,
         registry: Registry,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing()  # a span per message; no-op: traceparent as it came
         self.instance_id = settings.instance_id
         self.state = state
         self.sink = sink
@@ -64,7 +69,40 @@ class Handler:
         return value
 
     async def handle(self, req: ChatRequest, traceparent: str | None = None) -> str:
-        """Run `req` to its end. Returns what happened: a final state, or `skipped`."""
+        """Run `req` to its end. Returns what happened: a final state, or `skipped`.
+
+        Redis or Kafka being away (RedisError, ChatpipeError) propagates: the worker retries the
+        message. Anything else is a bug met by this message: it ends `failed` (one terminal
+        event) instead of staying `streaming` with an offset that never finishes.
+
+        Every log line meanwhile carries the message's ids; with tracing on, its events carry
+        the traceparent of this message's span (a child of the request's)."""
+        attributes = {"chatpipe.message_id": req.message_id, "chatpipe.session_id": req.session_id}
+        with (
+            log_context(message_id=req.message_id, session_id=req.session_id),
+            self.tracing.span("chat.respond", traceparent, attributes) as traceparent,
+        ):
+            try:
+                return await self._handle(req, traceparent)
+            except (RedisError, ChatpipeError):
+                raise
+            except Exception as e:
+                log.exception(
+                    "handler crashed; ending the message failed",
+                    extra={"message_id": req.message_id, "session_id": req.session_id},
+                )
+                return await self.fail(req, f"internal error ({type(e).__name__})", traceparent)
+
+    async def fail(self, req: ChatRequest, reason: str, traceparent: str | None = None) -> str:
+        """End `req` as `failed` from wherever it stopped (its next seq read from its stream).
+        Returns the final state, or `skipped` when it was final already or another instance
+        owns it."""
+        last = await self.state.redis.xrevrange(self.state.keys.stream(req.message_id), count=1)
+        fields = last[0][1] if last else None
+        seq = int(fields[b"s"]) + 1 if fields else 0
+        return await self._finish(req, None, "failed", reason, seq, traceparent)
+
+    async def _handle(self, req: ChatRequest, traceparent: str | None) -> str:
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         while True:
             claim = await self.state.claim(
@@ -73,6 +111,8 @@ class Handler:
             if claim.outcome == "final":
                 log.info("already %s, skipped", claim.detail, extra=ids)
                 return "skipped"
+            if claim.outcome == "forbidden":
+                return await self._forbidden(req, claim.detail, traceparent)
             if claim.outcome != "owned":
                 break
             # another live instance streams it (a redelivery after a rebalance): wait until it
@@ -88,6 +128,18 @@ class Handler:
         finally:
             self.metrics.active_streams.dec()
             self.registry.end(req.message_id)
+
+    async def _forbidden(self, req: ChatRequest, why: str, traceparent: str | None) -> str:
+        """Ownership enforced and the request is not its sender's to make (docs/security.md):
+        in another user's session (or without a user) it ends `failed` with reason `forbidden`;
+        reusing another user's message id it is dropped, leaving that message untouched."""
+        ids = {"message_id": req.message_id, "session_id": req.session_id, "why": why}
+        self.metrics.forbidden.labels("kafka_request").inc()
+        if why == "message":
+            log.warning("request reuses another user's message id: dropped", extra=ids)
+            return "forbidden"
+        log.warning("request in a session the user does not own: failed, forbidden", extra=ids)
+        return await self._finish(req, None, "failed", "forbidden", 0, traceparent)
 
     async def _run(
         self,
@@ -130,6 +182,7 @@ class Handler:
         seq += 1
 
         wanted, reason, chunks = "completed", "", 0
+        flag_seen_at: float | None = None  # when a chunk saw the Redis flag (the flag has no time)
         try:
             async with contextlib.aclosing(
                 until_set(self.provider.stream(req), stream.cancelled)
@@ -154,6 +207,8 @@ class Handler:
                     chunks += 1
                     self.metrics.chunks.inc()
                     if flagged:
+                        if not stream.cancelled.is_set():
+                            flag_seen_at = time.time()
                         stream.cancelled.set()
                         break
             if stream.lost:
@@ -168,17 +223,20 @@ class Handler:
         except ChatpipeError as e:
             wanted, reason = "failed", str(e)
             log.warning("stream failed: %s", e, extra=ids)
-        return await self._finish(req, stream, wanted, reason, seq, traceparent, chunks)
+        return await self._finish(
+            req, stream, wanted, reason, seq, traceparent, chunks, flag_seen_at
+        )
 
     async def _finish(
         self,
         req: ChatRequest,
-        stream: LocalStream,
+        stream: LocalStream | None,
         wanted: str,
         reason: str,
         seq: int,
         traceparent: str | None,
         chunks: int = 0,
+        flag_seen_at: float | None = None,
     ) -> str:
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         result = await self.state.finish(
@@ -190,8 +248,14 @@ class Handler:
             )
             return "skipped"
         final = result.state
-        if final == "cancelled" and stream.cancel_requested_at is not None:
-            self.metrics.cancel_latency.observe(max(0.0, time.time() - stream.cancel_requested_at))
+        if final == "cancelled" and stream is not None:
+            since: float | None
+            if stream.cancel_requested_at is not None:
+                since, measured = stream.cancel_requested_at, "requested_at"
+            else:
+                since, measured = flag_seen_at, "flag"
+            if since is not None:
+                self.metrics.cancel_latency.labels(measured).observe(max(0.0, time.time() - since))
         self.metrics.messages.labels(final).inc()
         extra: dict[str, Any] = {"usage": {"completion_tokens": chunks, "chunks": chunks}}
         if result.reason:

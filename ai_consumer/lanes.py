@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
+from ai_consumer.offsets import PartitionOffsets
 from chatpipe.schemas import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Work:
     offset: int
     request: ChatRequest
     traceparent: str | None = None
+    book: PartitionOffsets | None = None  # the offsets of the assignment it was taken under
     dropped: bool = False  # its partition was revoked before it started
 
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.transaction_manager import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, PidAndEpoch
 from redis.asyncio import Redis
 
 from chatpipe.codec import dumps, headers_for
@@ -64,6 +67,9 @@ class Sink:
         self._kafka: asyncio.Queue[_Record] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._kafka_errors = 0
+        self._tick_s = settings.sink_tick_ms / 1000
+        # murmur2 of each session key, computed once per message instead of once per chunk
+        self._hashes: dict[bytes, int] = {}
 
     def start(self) -> None:
         self._tasks = [
@@ -110,11 +116,33 @@ class Sink:
                 delay = min(delay * 2, 5.0)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = 0.0
         while True:
-            batch = [await self._queue.get()]
+            first = await self._queue.get()
+            # at most one round trip per tick: what arrives meanwhile rides along
+            wait = last + self._tick_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            last = loop.time()
+            batch = [first]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._flush(batch)
+
+    def _partition(self, key: bytes) -> int | None:
+        """The default partitioner's choice (murmur2 of the key), with the hash cached: the
+        same partition as without it, without hashing every chunk in pure Python."""
+        partitions = self.producer.client.cluster.partitions_for_topic(self.topic)
+        if not partitions:
+            return None  # no metadata yet: the producer waits for it and partitions itself
+        h = self._hashes.get(key)
+        if h is None:
+            if len(self._hashes) >= 100_000:
+                self._hashes.clear()
+            h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        chosen: int = sorted(partitions)[h % len(partitions)]
+        return chosen
 
     async def _flush(self, batch: list[Outgoing]) -> None:
         self.metrics.sink_batch.observe(len(batch))
@@ -148,7 +176,11 @@ class Sink:
             record = await self._kafka.get()
             try:
                 fut = await self.producer.send(
-                    self.topic, record.value, key=record.key, headers=record.headers
+                    self.topic,
+                    record.value,
+                    key=record.key,
+                    headers=record.headers,
+                    partition=self._partition(record.key),
                 )
             except Exception as e:
                 self._failed(e)
@@ -161,6 +193,8 @@ class Sink:
                 self._kafka.task_done()
 
     def _failed(self, error: BaseException) -> None:
+        if isinstance(error, LOST_SEQUENCE):
+            reset_producer_id(self.producer)
         self._kafka_errors += 1
         if self._kafka_errors in (1, 10, 100) or self._kafka_errors % 1000 == 0:
             log.warning("chat.responses delivery failed (%d so far): %s", self._kafka_errors, error)
@@ -168,6 +202,29 @@ class Sink:
     def _on_sent(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is not None:
             self._failed(fut.exception())  # type: ignore[arg-type]
+
+
+# The broker refuses every later record of a partition once an idempotent producer's batch was
+# lost (expired while the broker was away): its sequence numbers have a gap. The Java client
+# then takes a new producer id; aiokafka 0.14 does not, so chat.responses (and the tombstones
+# and the DLQ, same producer) would stay refused until the process restarts.
+LOST_SEQUENCE = (OutOfOrderSequenceNumber, UnknownProducerId)
+
+
+def reset_producer_id(producer: AIOKafkaProducer) -> None:
+    """Make an idempotent producer ask the broker for a new producer id (sequences from 0) before
+    its next send, as the Java client does after a lost batch. Idempotence holds again from then
+    on; only a batch in flight across the reset could be written twice."""
+    txn: Any = getattr(producer, "_txn_manager", None)
+    if txn is None or txn.transactional_id is not None or not txn.has_pid():
+        return
+    log.warning(
+        "Kafka refused our sequence numbers (a batch was lost while the broker was away): "
+        "taking a new producer id"
+    )
+    txn._pid_and_epoch = PidAndEpoch(NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
+    txn._pid_waiter = asyncio.get_running_loop().create_future()
+    txn._sequence_numbers.clear()
 
 
 @dataclass(slots=True)

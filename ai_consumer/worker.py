@@ -28,11 +28,46 @@ from ai_consumer.registry import Registry
 from chatpipe.codec import header, parse_request
 from chatpipe.errors import ChatpipeError, InvalidRecord
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import rfc3339, utcnow
+from chatpipe.schemas import ChatRequest, rfc3339, utcnow
 from chatpipe.settings import Settings
 from chatpipe.state import State
+from chatpipe.unreadable import DECODE_ERRORS, isolate
 
 log = logging.getLogger(__name__)
+
+
+def decide(record: ConsumerRecord[bytes, bytes]) -> ChatRequest | InvalidRecord:
+    """The consume loop's decision for one record: the request for a session lane, or the
+    InvalidRecord (with its reason) that sends it to the DLQ. Never raises: an unexpected error
+    of the parser is a DLQ reason too, not the end of the consumer (tests/security fuzz it)."""
+    try:
+        return parse_request(record.value, headers=record.headers)
+    except InvalidRecord as e:
+        return e
+    except Exception as e:
+        return InvalidRecord(f"unreadable record ({type(e).__name__}: {e})"[:500], "unreadable")
+
+
+def _text(value: str) -> bytes:
+    return value.encode("utf-8", "backslashreplace")  # lone surrogates cannot be encoded
+
+
+def dead_letter_headers(
+    record: ConsumerRecord[bytes, bytes], error: InvalidRecord, instance_id: str
+) -> list[tuple[str, bytes]]:
+    """The DLQ record's headers: the reason, the source, and the original headers."""
+    headers: list[tuple[str, bytes]] = [
+        ("dlq-reason", _text(error.reason)),
+        ("dlq-kind", _text(error.kind)),
+        ("dlq-source-topic", _text(record.topic)),
+        ("dlq-source-partition", str(record.partition).encode()),
+        ("dlq-source-offset", str(record.offset).encode()),
+        ("dlq-instance", _text(instance_id)),
+    ]
+    headers += [
+        (f"original-{k}", v if isinstance(v, bytes) else b"") for k, v in record.headers or ()
+    ]
+    return headers
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -124,9 +159,23 @@ class Worker:
     async def _consume_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=500)
+                # never take more than the lanes have room for: the buffer bound holds exactly,
+                # not "limit + one batch" (paused partitions return nothing anyway)
+                room = self.settings.buffer_limit - len(self.lanes)
+                batch = await self.consumer.getmany(
+                    timeout_ms=200, max_records=max(1, min(500, room))
+                )
             except asyncio.CancelledError:
                 raise
+            except DECODE_ERRORS as e:  # a record aiokafka cannot decode: see chatpipe/unreadable
+                try:
+                    await self._skip_unreadable(e, max(1, min(500, room)))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # e.g. a rebalance under way: the next fetch tries again
+                    log.exception("could not isolate the undecodable record; retrying")
+                    await asyncio.sleep(0.5)
+                continue
             except Exception:
                 log.exception("fetch failed; retrying")
                 await asyncio.sleep(0.5)
@@ -134,6 +183,40 @@ class Worker:
             if batch:
                 await self._take(batch)
             self._backpressure()
+
+    async def _skip_unreadable(self, error: Exception, room: int) -> None:
+        """Take the readable records up to the undecodable one, dead-letter that one by offset
+        (its bytes stay in the source topic) and move past it."""
+        log.warning("a fetched record cannot be decoded (%s): isolating it", error)
+        found = await isolate(self.consumer, limit=room)
+        if found.readable:
+            await self._take(found.readable)
+        if found.bad is None:
+            return
+        tp, offset = found.bad
+        offsets = self.offsets.get(tp)
+        if offsets is None:
+            return
+        reason = (
+            f"record cannot be decoded by the Kafka client (a header name is not UTF-8: "
+            f"{found.error}); its bytes stay in {tp.topic} partition {tp.partition} at offset "
+            f"{offset}"
+        )
+        headers = [
+            ("dlq-reason", _text(reason)),
+            ("dlq-kind", b"undecodable"),
+            ("dlq-source-topic", _text(tp.topic)),
+            ("dlq-source-partition", str(tp.partition).encode()),
+            ("dlq-source-offset", str(offset).encode()),
+            ("dlq-instance", _text(self.settings.instance_id)),
+        ]
+        log.warning("record %s-%d@%d sent to the DLQ: %s", tp.topic, tp.partition, offset, reason)
+        self.metrics.dlq.labels("undecodable").inc()
+        # an empty value (the client could not read the original; a null key and value is refused)
+        await self.producer.send_and_wait(self.settings.dlq_topic, b"", headers=headers)
+        offsets.add(offset)
+        offsets.done(offset)
+        self.consumer.seek(tp, offset + 1)
 
     async def _take(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         works: list[Work] = []
@@ -143,14 +226,13 @@ class Worker:
                 continue
             for record in records:
                 offsets.add(record.offset)
-                try:
-                    request = parse_request(record.value)
-                except InvalidRecord as e:
-                    await self._dead_letter(record, e)
+                request = decide(record)
+                if isinstance(request, InvalidRecord):
+                    await self._dead_letter(record, request)
                     offsets.done(record.offset)
                     continue
                 works.append(
-                    Work(tp, record.offset, request, header(record.headers, "traceparent"))
+                    Work(tp, record.offset, request, header(record.headers, "traceparent"), offsets)
                 )
         if works:
             await self._observe(works)
@@ -178,17 +260,7 @@ class Worker:
     async def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], error: InvalidRecord
     ) -> None:
-        headers: list[tuple[str, bytes]] = [
-            ("dlq-reason", error.reason.encode()),
-            ("dlq-kind", error.kind.encode()),
-            ("dlq-source-topic", record.topic.encode()),
-            ("dlq-source-partition", str(record.partition).encode()),
-            ("dlq-source-offset", str(record.offset).encode()),
-            ("dlq-instance", self.settings.instance_id.encode()),
-        ]
-        headers += [
-            (f"original-{k}", v if isinstance(v, bytes) else b"") for k, v in record.headers or ()
-        ]
+        headers = dead_letter_headers(record, error, self.settings.instance_id)
         log.warning(
             "record %s-%d@%d sent to the DLQ: %s",
             record.topic,
@@ -230,14 +302,33 @@ class Worker:
                     "redis unavailable, retrying message in %.1fs: %s",
                     delay,
                     e,
-                    extra={"message_id": work.request.message_id},
+                    extra={
+                        "message_id": work.request.message_id,
+                        "session_id": work.request.session_id,
+                    },
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # the handler ends a message it crashed on as `failed`; this is the last resort
+                # when even that raised: the offset is marked done all the same (a poison message
+                # must not hold its partition's commits back forever) and the consumer goes on
+                log.exception(
+                    "message abandoned after an unexpected error",
+                    extra={
+                        "message_id": work.request.message_id,
+                        "session_id": work.request.session_id,
+                    },
+                )
+                return
 
     def _finished(self, work: Work) -> None:
         offsets = self.offsets.get(work.tp)
-        if offsets is not None:
+        # a work of an earlier assignment of this partition (revoked, then assigned again) is not
+        # this assignment's: its record was redelivered and that copy decides the commit
+        if offsets is not None and offsets is work.book:
             offsets.done(work.offset)
 
     # --- offsets and rebalances --------------------------------------------------------
@@ -314,7 +405,7 @@ class Worker:
                 message_id = owned[i][0]
                 log.warning(
                     "lost the lease of a running stream; stopping it",
-                    extra={"message_id": message_id},
+                    extra={"message_id": message_id, "session_id": owned[i][1]},
                 )
                 stream = self.registry.running.get(message_id)
                 if stream is not None:

@@ -58,8 +58,11 @@ class Hub:
         instance_id: str,
         metrics: Metrics,
         queue_size: int,
+        read_interval_s: float = 0.0,
     ) -> None:
         self.reader = reader  # its own connection: it blocks in XREAD
+        # reads start at least this far apart: a busy hub gets more entries per XREAD
+        self.read_interval_s = read_interval_s
         self.writer = writer
         self.keys = keys
         self.metrics = metrics
@@ -133,13 +136,20 @@ class Hub:
 
     async def _run(self) -> None:
         backoff = 0.1
+        loop = asyncio.get_running_loop()
+        last_read = 0.0
         while not self._stopping:
             if not self._cursors:
                 await self._changed.wait()
+            wait = last_read + self.read_interval_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            last_read = loop.time()
             self._changed.clear()
             self._wake_pending = False
             streams: dict[KeyT, StreamIdT] = {self.wake_key: self._wake_id}
-            for message_id, cursor in self._cursors.items():
+            read_from = dict(self._cursors)  # what this read asks for, per message
+            for message_id, cursor in read_from.items():
                 streams[self.keys.stream(message_id)] = format_id(cursor)
             try:
                 response = cast(
@@ -162,11 +172,20 @@ class Hub:
                 if name == self.wake_key:
                     self._wake_id = entries[-1][0].decode()
                     continue
-                self._deliver(name[len(self.keys.stream("")) :], entries)
+                message_id = name[len(self.keys.stream("")) :]
+                self._deliver(message_id, read_from.get(message_id), entries)
 
-    def _deliver(self, message_id: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        if message_id not in self._cursors:
-            return  # every client left while we read
+    def _deliver(
+        self,
+        message_id: str,
+        read_from: StreamId | None,
+        entries: list[tuple[bytes, dict[bytes, bytes]]],
+    ) -> None:
+        if self._cursors.get(message_id) != read_from:
+            # every client left while we read (None), or the last one left and a new one came
+            # (a page reload) with its own cursor: these entries start at the old cursor, not
+            # at the new one; the next read fetches from the new cursor
+            return
         self._cursors[message_id] = parse_id(entries[-1][0])
         for sub in list(self._subs.get(message_id, ())):
             for raw_id, fields in entries:

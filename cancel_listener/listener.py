@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from chatpipe.codec import parse_cancel
 from chatpipe.errors import InvalidRecord
@@ -25,6 +26,7 @@ from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
 from chatpipe.state import State
+from chatpipe.unreadable import DECODE_ERRORS, isolate
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,7 @@ class CancelListener:
         next_check = asyncio.get_running_loop().time() + 1
         while not self._stopping.is_set():
             try:
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=1000)
-                records = [r for rs in batch.values() for r in rs]
+                records = await self._fetch(timeout_ms=200, max_records=1000)
                 if records:
                     await self._live(records)
                 now = asyncio.get_running_loop().time()
@@ -95,6 +96,31 @@ class CancelListener:
             except Exception:
                 log.exception("cancel listener iteration failed; retrying")
                 await asyncio.sleep(0.5)
+
+    async def _fetch(
+        self, *parts: TopicPartition, timeout_ms: int, max_records: int
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """getmany, except that a record aiokafka cannot decode (a header name that is not
+        UTF-8, chatpipe/unreadable.py) is skipped with a warning instead of wedging the reader
+        (every later fetch would raise the same error, and no cancel would be seen again)."""
+        try:
+            batch = await self.consumer.getmany(
+                *parts, timeout_ms=timeout_ms, max_records=max_records
+            )
+        except DECODE_ERRORS as e:
+            found = await isolate(self.consumer, limit=max_records)
+            if found.bad is not None:
+                tp, offset = found.bad
+                log.warning(
+                    "cancel record at %s-%d@%d cannot be decoded, skipped: %s",
+                    tp.topic,
+                    tp.partition,
+                    offset,
+                    found.error or e,
+                )
+                self.consumer.seek(tp, offset + 1)
+            batch = found.readable
+        return [r for rs in batch.values() for r in rs]
 
     async def _redis_was_reset(self) -> bool:
         info = await self.redis.info("server")
@@ -128,11 +154,9 @@ class CancelListener:
             behind = [tp for tp in parts if await self.consumer.position(tp) < end[tp]]
             if not behind:
                 break
-            batch = await self.consumer.getmany(*behind, timeout_ms=500, max_records=5000)
-            for records in batch.values():
-                for r in records:
-                    if r.key is not None:
-                        latest[r.key] = r.value
+            for r in await self._fetch(*behind, timeout_ms=500, max_records=5000):
+                if r.key is not None:
+                    latest[r.key] = r.value
         cancels = []
         for value in latest.values():
             if value is None:
@@ -163,21 +187,60 @@ class CancelListener:
                 )
                 continue
             cancels.append(cancel)
-            if self.on_cancel is not None:
+            if self.on_cancel is not None and not self.settings.ownership_enforced:
+                self.on_cancel(cancel)  # at once; with ownership enforced, after the check
+        allowed = await self._mirror_live(cancels)
+        if self.on_cancel is not None and self.settings.ownership_enforced:
+            for cancel in allowed:
                 self.on_cancel(cancel)
-        await self._mirror(cancels, "live")
 
-    async def _mirror(self, cancels: list[ChatCancel], source: str) -> None:
+    async def _mirror_live(self, cancels: list[ChatCancel]) -> list[ChatCancel]:
+        """`_mirror` for a live batch, retried until Redis takes it: its records are consumed
+        already, so a failed write would lose their flags (a Kafka-only cancel, the Spring
+        frontend's, has no other way into Redis short of a replay)."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._mirror(cancels, "live")
+            except (RedisError, OSError) as e:
+                if self._stopping.is_set():
+                    raise
+                log.warning("could not write %d cancel flags, retrying: %s", len(cancels), e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _mirror(self, cancels: list[ChatCancel], source: str) -> list[ChatCancel]:
+        """Mirror `cancels` into their Redis flags; returns those not refused for ownership
+        (a refused one, from a user who did not send the message, is ignored and counted)."""
         if not cancels:
-            return
+            return []
         self.metrics.cancels_seen.labels(source).inc(len(cancels))
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in cancels:
-                await self.state.mirror_cancel(pipe, c.session_id, c.message_id)
-            results = await pipe.execute()
-        if not self.tombstone_final:
-            return
+                await self.state.mirror_cancel(pipe, c.session_id, c.message_id, c.user_id)
+            results = [int(r) for r in await pipe.execute()]
+        allowed = []
         for c, flagged in zip(cancels, results, strict=True):
-            if not int(flagged):
+            result = "flagged" if flagged > 0 else "final" if flagged == 0 else "forbidden"
+            self.metrics.cancels_mirrored.labels(result).inc()
+            if source == "live":  # a replay re-flags many at once: counted, not logged each
+                log.info(
+                    "cancel record mirrored into Redis: %s",
+                    result,
+                    extra={"message_id": c.message_id, "session_id": c.session_id},
+                )
+            if flagged < 0:
+                self.metrics.forbidden.labels("kafka_cancel").inc()
+                log.warning(
+                    "cancel from a user who did not send the message ignored",
+                    extra={"message_id": c.message_id, "session_id": c.session_id},
+                )
+            else:
+                allowed.append(c)
+        if not self.tombstone_final:
+            return allowed
+        for c, flagged in zip(cancels, results, strict=True):
+            if flagged == 0:
                 key = cancel_record_key(c.session_id, c.message_id).encode()
                 await self.producer.send(self.topic, None, key=key)
+        return allowed

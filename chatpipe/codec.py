@@ -73,7 +73,25 @@ def parse(model: type[M], value: bytes | None, max_bytes: int = MAX_RECORD_BYTES
         raise InvalidRecord(f"invalid: {e}") from None
 
 
-def parse_request(value: bytes | None, max_bytes: int = MAX_RECORD_BYTES) -> ChatRequest:
+def check_headers(headers: Headers | None) -> None:
+    """Every header value must be UTF-8 text (all of the contract's headers are text): a record
+    whose headers are not is another producer's bug, and goes to the DLQ like a bad value."""
+    for key, value in headers or ():
+        if value is None:
+            continue
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRecord(
+                f"header {key!r} is not UTF-8: {e.reason} at byte {e.start}", "bad_header"
+            ) from None
+
+
+def parse_request(
+    value: bytes | None, max_bytes: int = MAX_RECORD_BYTES, headers: Headers | None = None
+) -> ChatRequest:
+    """A `chat.request` record (value and headers) -> the model, or InvalidRecord."""
+    check_headers(headers)
     return parse(ChatRequest, value, max_bytes)
 
 

@@ -234,17 +234,6 @@ async def test_flags_come_back_when_redis_comes_back_empty(
         assert not task.done()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug, cancel_listener/listener.py run() (the `except Exception` around "
-        "getmany/_live, ~line 95): when the Redis write of a live batch fails (a blip, same "
-        "server so no run_id change and no replay), the batch's records are already consumed "
-        "and are never mirrored: a Kafka-only cancel (the Spring frontend's) loses its flag. "
-        "Fix: retry `_mirror` for the batch (with backoff, until it succeeds or the listener "
-        "stops) before fetching more, or seek back to the batch's first offsets on failure."
-    ),
-)
 async def test_a_redis_blip_during_a_live_batch_loses_no_flag(
     conf: Settings, redis: Redis, producer: AIOKafkaProducer
 ) -> None:

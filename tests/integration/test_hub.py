@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from redis.asyncio import Redis
 
 from api.hub import Entry, Hub, StreamId, Subscription, parse_id
@@ -92,9 +91,8 @@ def new_hub(settings: Settings, redis: Redis, queue_size: int) -> tuple[Hub, Rea
 
 
 async def close_hub(hub: Hub) -> None:
-    # Hub.stop() hangs when its cancel lands while a read is being sent (the strict xfail
-    # test_stop_ends_the_hub_even_when_...): callers stop a hub blocked in its read, and if a
-    # test failed elsewhere, a second cancel (the timeout's) gets through.
+    # bounded: a hub whose stop() hung (test_stop_ends_the_hub_even_when_... guards against
+    # that) must not hang the teardown of every test after it
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(1):
             await hub.stop()
@@ -318,20 +316,6 @@ async def test_stop_with_a_full_subscriber_queue_ends_every_subscription(
         await hub.reader.aclose(close_connection_pool=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug, api/hub.py subscribe() + _deliver(): when the last client of a message "
-        "leaves while the hub's XREAD still names that stream (at the old cursor), and a new "
-        "client subscribes before that read returns (a page reload: the old EventSource "
-        "closes, the new one opens without Last-Event-ID), subscribe() sets the cursor to the "
-        "new position but the read in flight returns entries after the OLD cursor; _deliver "
-        "moves the cursor past them, so the new client never gets the entries between its "
-        "position and the old cursor (the start of the answer). Fix: remember the cursor each "
-        "stream was read from and have _deliver drop a response whose start cursor is no "
-        "longer the current one (the next read fetches from the new cursor)."
-    ),
-)
 async def test_a_client_joining_just_after_the_last_one_left_gets_the_whole_stream(
     settings: Settings, redis: Redis
 ) -> None:

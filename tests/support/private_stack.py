@@ -12,7 +12,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,10 +36,15 @@ class PrivateStack:
     kafka_port: int
     controller_port: int
     redis_port: int
+    # more stack.sh settings, e.g. the opt-in secure mode: KAFKA_SASL=scram, KAFKA_SASL_USER,
+    # KAFKA_SASL_PASSWORD, REDIS_ACL_USER, REDIS_ACL_PASSWORD (docs/local-stack.md)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def on_free_ports(cls, state_dir: Path) -> PrivateStack:
-        return cls(state_dir, free_port(), free_port(), free_port())
+    def on_free_ports(
+        cls, state_dir: Path, extra_env: dict[str, str] | None = None
+    ) -> PrivateStack:
+        return cls(state_dir, free_port(), free_port(), free_port(), dict(extra_env or {}))
 
     @property
     def services(self) -> Services:
@@ -62,6 +67,7 @@ class PrivateStack:
             CHATPIPE_STACK_DIR=str(self.state_dir),
             KAFKA_HEAP=env.get("PRIVATE_STACK_KAFKA_HEAP", "384m"),
         )
+        env.update(self.extra_env)
         return env
 
     def run(self, *args: str, timeout: float = 120) -> str:
@@ -97,9 +103,11 @@ class PrivateStack:
 
 
 @contextmanager
-def private_stack(state_dir: Path) -> Iterator[PrivateStack]:
+def private_stack(
+    state_dir: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[PrivateStack]:
     """A started private stack; stopped and wiped afterwards, also when the test failed."""
-    stack = PrivateStack.on_free_ports(state_dir)
+    stack = PrivateStack.on_free_ports(state_dir, extra_env)
     try:
         stack.start()
         yield stack

@@ -1,0 +1,163 @@
+"""Issue 4, fault 3: a consumer joins and one leaves during 100 live streams (two rebalances).
+
+aiokafka rebalances eagerly: every member gives up all its partitions and gets a new share.
+Streams running on a member keep running under their lease; the member that now owns their
+partition gets their records again and waits for them to end (then skips them). So no client
+sees a message answered twice (no `restart`, every chunk once, one `done`) and none is lost.
+
+50 answers stream when the third consumer joins; the leaving one is sent SIGTERM and 50 more
+requests follow, so the leave's rebalance happens while answers stream on the other consumers
+and requests wait on its partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import pytest
+from aiokafka.partitioner import murmur2
+from redis.asyncio import Redis
+
+from ai_consumer.llm.simulated import simulated_tokens
+from chatpipe.schemas import ChatRequest
+from chatpipe.settings import Settings
+from tests.e2e.cluster import Cluster
+from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.faults.consumer_support import (
+    assignment_times,
+    assignments,
+    kafka_checks,
+    kinds,
+    live_at,
+    new_session,
+    recorded,
+    sse_checks,
+    states,
+    texts_after_last_restart,
+    wait_assigned,
+)
+from tests.e2e.records import read_responses
+from tests.e2e.sse import chunks
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
+HALF = 50
+TOKENS = 36
+SHORT = 4
+ANSWERED = ChatRequest(message_id="x", session_id="x", message="hello there")
+
+
+def partition_of(session_id: str, partitions: int = 12) -> int:
+    """Where the api's producer puts a session's records (Kafka's default partitioner)."""
+    return int(murmur2(session_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+@pytest.fixture(scope="module")
+def cluster_env() -> dict[str, object]:
+    # 36 tokens at 500 ms: 18 s answers, longer than a consumer takes to start and join on a
+    # busy machine (measured: up to 14 s at load 8 on 2 cores; the test checks that answers
+    # were still running at each rebalance). A slow pace costs little CPU: 200 chunks/s in all.
+    return {
+        **DEFAULT_ENV,
+        "sim_tokens": TOKENS,
+        "sim_token_delay_ms": 500,
+        "sim_first_token_delay_ms": 100,
+        "kafka_session_timeout_ms": 6000,
+        "lease_ms": 3000,
+        "shutdown_grace_s": 20,  # the leaving consumer finishes what it runs: nothing restarts
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    cluster_topics: Settings,
+    cluster_env: dict[str, object],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    """2 api + 2 ai_consumer + 1 cancel_listener."""
+    workdir = tmp_path_factory.mktemp("cluster-rebalance")
+    with Cluster(cluster_topics, workdir, consumers=2, env=cluster_env).running(60) as running:
+        yield running
+
+
+async def test_join_and_leave_during_100_streams_answer_each_message_once(
+    cluster: Cluster, apis: tuple[Api, Api], settings: Settings, redis: Redis
+) -> None:
+    a, b = apis
+    leaving, staying = cluster.consumer_procs
+    batch1 = [new_session() for _ in range(HALF)]
+    batch2 = [new_session() for _ in range(HALF)]
+    tokens = dict.fromkeys(batch1, TOKENS)
+    sent = await asyncio.gather(*((a, b)[i % 2].chat(s) for i, s in enumerate(batch1)))
+    ids = [x["message_id"] for x in sent]
+    session_of = {x["message_id"]: x["session_id"] for x in sent}
+
+    async with contextlib.AsyncExitStack() as stack:
+        streams = await stack.enter_async_context(
+            recorded((b, a)[i % 2].stream(m) for i, m in enumerate(ids))
+        )
+        await asyncio.gather(*(s.wait_for(lambda e: bool(chunks(e)), 20) for s in streams))
+
+        # rebalance 1: a consumer joins while the first 50 answers stream
+        before = len(assignments(staying))
+        joining = cluster.spawn("ai_consumer", "ai-joining")  # stopped with the cluster
+        await wait_assigned(joining, within=30)
+        await wait_assigned(staying, after=before, within=30)
+        join_at = assignment_times(staying)[before]
+
+        # rebalance 2: one leaves. SIGTERM: it stops fetching, finishes its running answers,
+        # then leaves the group; the second 50 are sent meanwhile, so the ones on its
+        # partitions wait for the rebalance and the others stream through it
+        before = len(assignments(staying))
+        cluster.retire(leaving)
+        leaving.signal(signal.SIGTERM)
+        # the requests that wait for the leave (on its partitions) get short answers: they only
+        # have to be answered once, after it; the others stream through it
+        its_share = assignments(leaving)[-1]
+        tokens.update({s: SHORT if partition_of(s) in its_share else TOKENS for s in batch2})
+        sent2 = await asyncio.gather(
+            *((a, b)[i % 2].chat(s, max_tokens=tokens[s]) for i, s in enumerate(batch2))
+        )
+        ids2 = [x["message_id"] for x in sent2]
+        session_of.update({x["message_id"]: x["session_id"] for x in sent2})
+        assert SHORT in tokens.values(), f"no request on the leaving consumer's {its_share}"
+        streams += await stack.enter_async_context(
+            recorded((b, a)[i % 2].stream(m) for i, m in enumerate(ids2))
+        )
+        ids += ids2
+        await wait_assigned(staying, after=before, within=40)
+        leave_at = assignment_times(staying)[before]
+        code = await asyncio.to_thread(leaving.terminate, 30)
+        assert code == 0, leaving.tail()
+        await asyncio.gather(*(s.wait_done(within=60) for s in streams))
+        events = {m: s.events for m, s in zip(ids, streams, strict=True)}
+
+    # both rebalances happened while answers streamed (told after the fact from the messages'
+    # started/finished times, so a slow test process cannot misjudge it)
+    assert await live_at(redis, settings, ids, join_at) >= 10, f"join at {join_at}"
+    assert await live_at(redis, settings, ids, leave_at) >= 10, f"leave at {leave_at}"
+    assert leaving.find(lambda r: str(r.get("msg", "")).startswith("stopping: "))
+    assert not leaving.find(lambda r: "handed over" in str(r.get("msg", "")))
+    for m in ids:
+        evs = events[m]
+        sse_checks(m, evs)
+        assert "restart" not in kinds(evs), (m, kinds(evs))
+        n = tokens[session_of[m]]
+        assert [e.seq for e in chunks(evs)] == list(range(1, n + 1)), m
+        assert evs[-1].json()["status"] == "completed", (m, evs[-1].data)
+        assert texts_after_last_restart(evs) == "".join(simulated_tokens(ANSWERED, n)), m
+
+    seen = await read_responses(
+        settings,
+        {*batch1, *batch2},
+        lambda evs: sum(e.get("type") == "chat.completed" for e in evs) >= len(ids),
+        within=30,
+    )
+    for m in ids:
+        mine = kafka_checks(m, seen)
+        assert [e["type"] for e in mine].count("chat.started") == 1, m
+        assert mine[-1]["type"] == "chat.completed"
+    assert set((await states(redis, settings, ids)).values()) == {"completed"}

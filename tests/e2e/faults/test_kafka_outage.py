@@ -1,0 +1,127 @@
+"""Issue 4, fault 7: the Kafka broker stops for 10 s and comes back.
+
+While it is away the api answers new chats with 503 and Retry-After within API_KAFKA_TIMEOUT_S
+(2 s here, 5 s by default), never hanging; answers already streaming go on through Redis and end
+with exactly one `done` on SSE, and their terminal event reaches chat.responses once the broker
+is back. Afterwards every process works again as it is (same pids, none restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from chatpipe.settings import Settings
+from tests.e2e.cluster import Cluster, apoll
+from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.records import of_message, read_responses, terminal
+from tests.e2e.sse import chunks, dones
+from tests.support.private_stack import PrivateStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
+TIMEOUT_S = 2.0
+OUTAGE_S = 10.0
+IN_FLIGHT = 3
+
+
+@pytest.fixture(scope="module")
+def cluster_env() -> dict[str, object]:
+    return {**DEFAULT_ENV, "api_kafka_timeout_s": TIMEOUT_S, "retry_after_s": 2}
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    cluster_topics: Settings,
+    cluster_env: dict[str, object],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("cluster-kafka-outage")
+    with Cluster(cluster_topics, workdir, consumers=1, env=cluster_env).running(90) as running:
+        yield running
+
+
+def new_session() -> str:
+    return f"s-{uuid.uuid4().hex[:12]}"
+
+
+async def timed_post(api: Api, session: str) -> tuple[httpx.Response, float]:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await api.client.post(
+        "/api/chat", json={"session_id": session, "message": "hi", "options": {"max_tokens": 3}}
+    )
+    return response, loop.time() - started
+
+
+async def test_a_kafka_outage_gives_bounded_503s_and_everything_resumes(
+    cluster: Cluster, apis: tuple[Api, Api], settings: Settings, private: PrivateStack
+) -> None:
+    a, b = apis
+    loop = asyncio.get_running_loop()
+    pids = {p.name: p.pid for p in cluster.procs}
+    sessions = [new_session() for _ in range(IN_FLIGHT)]
+    ids = [(await a.chat(s, max_tokens=60))["message_id"] for s in sessions]  # 6 s answers
+    streams = [await b.stream(m).__aenter__() for m in ids]
+    try:
+        for s in streams:
+            s.record()
+            await s.wait_for(lambda evs: len(chunks(evs)) >= 1, within=20, what="a chunk")
+
+        await asyncio.to_thread(private.stop, "kafka")
+        stopped = loop.time()
+        answers: list[tuple[int, str | None, float]] = []
+        while loop.time() - stopped < OUTAGE_S:
+            for api in (a, b):
+                response, took = await timed_post(api, new_session())
+                answers.append((response.status_code, response.headers.get("retry-after"), took))
+        ready = await a.client.get("/ready")
+        assert ready.status_code == 503, ready.text
+
+        # in flight: every answer ends on SSE, once, the broker still away
+        for s in streams:
+            await s.wait_done(within=20)
+        await asyncio.to_thread(private.start, "kafka")
+    finally:
+        for s in streams:
+            await s.close()
+
+    assert len(answers) >= 4, answers
+    assert {status for status, _, _ in answers} == {503}, answers
+    assert all(retry == "2" for _, retry, _ in answers), answers
+    # bounded: API_KAFKA_TIMEOUT_S plus the request's own work (headroom for a loaded machine)
+    assert max(took for _, _, took in answers) <= TIMEOUT_S + 1.5, answers
+    for s, message_id in zip(streams, ids, strict=True):
+        names = [e.event for e in s.events]
+        assert names.count("done") == 1, (message_id, names)
+        assert names[-1] == "done", (message_id, names)
+
+    # back: both apis accept again and the consumer answers, with the same processes
+    async def accepted(api: Api) -> str | None:
+        response, _ = await timed_post(api, new_session())
+        return str(response.json()["message_id"]) if response.status_code == 202 else None
+
+    for api in (a, b):
+        message_id = await apoll(
+            f"{api.name} to accept chats again", functools.partial(accepted, api), 60
+        )
+        async with api.stream(message_id) as stream:
+            events = await stream.until_done(within=60)
+        assert [d.json()["status"] for d in dones(events)] == ["completed"], events
+    assert {p.name: p.pid for p in cluster.procs} == pids
+    assert all(p.alive() for p in cluster.procs)
+
+    # the terminal events of the answers that were in flight reached chat.responses, once each
+    seen = await read_responses(
+        settings,
+        set(sessions),
+        lambda evs: all(terminal(evs, m) for m in ids),
+        within=60,
+    )
+    for message_id in ids:
+        assert len(terminal(of_message(seen, message_id))) == 1, of_message(seen, message_id)
