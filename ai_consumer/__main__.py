@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from ai_consumer.service import serve
+from chatpipe.entry import run_service
 from chatpipe.logs import setup_logging
 from chatpipe.settings import Settings
 
@@ -12,7 +11,7 @@ from chatpipe.settings import Settings
 def main() -> None:
     settings = Settings()
     setup_logging(settings, "ai_consumer")
-    asyncio.run(serve(settings))
+    run_service(serve(settings), "ai_consumer")
 
 
 if __name__ == "__main__":

@@ -8,29 +8,29 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 
-from prometheus_client import start_http_server
-
 from ai_consumer.handler import Handler
 from ai_consumer.llm.factory import make_provider
 from ai_consumer.registry import Registry
 from ai_consumer.sink import Sink
+from ai_consumer.wakeup import CancelWakeup
 from ai_consumer.worker import Worker
 from cancel_listener.listener import CancelListener
-from chatpipe.clients import make_consumer, make_producer, make_redis
-from chatpipe.metrics import Metrics
+from chatpipe.clients import make_consumer, make_producer, make_redis, verify_redis
+from chatpipe.metrics import Metrics, serve_metrics
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
 from chatpipe.state import State
+from chatpipe.tracing import Tracing, make_tracing
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
 async def started(
-    settings: Settings, metrics: Metrics
+    settings: Settings, metrics: Metrics, tracing: Tracing | None = None
 ) -> AsyncIterator[tuple[Worker, CancelListener]]:
     redis = make_redis(settings, max_connections=max(16, settings.redis_max_connections))
-    producer = make_producer(settings)
+    producer = make_producer(settings, linger_ms=settings.producer_linger_ms)
     consumer = make_consumer(
         settings,
         group_id=settings.consumer_group,
@@ -43,11 +43,12 @@ async def started(
     registry = Registry()
     await producer.start()
     try:
+        await verify_redis(redis, settings)  # a refused Redis login fails start-up, clearly
         await consumer.start()
         await cancels.start()
         sink = Sink(redis, state, producer, settings, metrics)
         sink.start()
-        handler = Handler(settings, state, sink, producer, provider, registry, metrics)
+        handler = Handler(settings, state, sink, producer, provider, registry, metrics, tracing)
         worker = Worker(settings, consumer, producer, state, handler, registry, metrics)
 
         def interrupt(cancel: ChatCancel) -> None:
@@ -61,9 +62,14 @@ async def started(
         listener = CancelListener(
             settings, cancels, redis, state, metrics, producer, on_cancel=interrupt
         )
+        # the api's Pub/Sub wake-up interrupts a local stream before chat.cancels arrives
+        wakeup = CancelWakeup(redis, state.keys.cancel_wakeup(), interrupt)
+        woken = asyncio.create_task(wakeup.run(), name="cancel-wakeup")
         try:
             yield worker, listener
         finally:
+            woken.cancel()
+            await asyncio.gather(woken, return_exceptions=True)
             await sink.stop()
     finally:
         for closer in (consumer.stop, cancels.stop, producer.stop, provider.aclose, redis.aclose):
@@ -73,9 +79,18 @@ async def started(
 
 async def serve(settings: Settings) -> None:
     metrics = Metrics()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.api_host, registry=metrics.registry)
-    async with started(settings, metrics) as (worker, listener):
+    endpoint = serve_metrics(metrics, settings.metrics_bind, settings.metrics_port)
+    tracing = make_tracing(settings, "ai_consumer")
+    try:
+        await _serve(settings, metrics, tracing)
+    finally:
+        tracing.close()
+        if endpoint is not None:
+            endpoint.close()
+
+
+async def _serve(settings: Settings, metrics: Metrics, tracing: Tracing) -> None:
+    async with started(settings, metrics, tracing) as (worker, listener):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)

@@ -7,12 +7,11 @@ import contextlib
 import logging
 import signal
 
-from prometheus_client import start_http_server
-
 from cancel_listener.listener import CancelListener
-from chatpipe.clients import make_consumer, make_producer, make_redis
+from chatpipe.clients import make_consumer, make_producer, make_redis, verify_redis
+from chatpipe.entry import run_service
 from chatpipe.logs import setup_logging
-from chatpipe.metrics import Metrics
+from chatpipe.metrics import Metrics, serve_metrics
 from chatpipe.settings import Settings
 from chatpipe.state import State
 
@@ -21,14 +20,14 @@ log = logging.getLogger("cancel_listener")
 
 async def serve(settings: Settings) -> None:
     metrics = Metrics()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.api_host, registry=metrics.registry)
+    endpoint = serve_metrics(metrics, settings.metrics_bind, settings.metrics_port)
     redis = make_redis(settings, max_connections=8)
     consumer = make_consumer(settings, group_id=None)
     producer = make_producer(settings)
     await producer.start()
     await consumer.start()
     try:
+        await verify_redis(redis, settings)  # a refused Redis login fails start-up, clearly
         listener = CancelListener(
             settings, consumer, redis, State(redis, settings), metrics, producer
         )
@@ -41,12 +40,14 @@ async def serve(settings: Settings) -> None:
         for closer in (consumer.stop, producer.stop, redis.aclose):
             with contextlib.suppress(Exception):
                 await closer()
+        if endpoint is not None:
+            endpoint.close()
 
 
 def main() -> None:
     settings = Settings()
     setup_logging(settings, "cancel_listener")
-    asyncio.run(serve(settings))
+    run_service(serve(settings), "cancel_listener")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,25 @@ def _wait_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], timeout: 
         time.sleep(0.2)
 
 
+METRICS_LINE = re.compile(r"metrics listening on (http://\S+/metrics)")
+
+
+def _metrics_urls(logs: Path, names: list[str], timeout: float = 10) -> dict[str, str]:
+    """The /metrics address each process logged at start (METRICS_PORT=0: a free port)."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, str] = {}
+    while True:
+        for name in names:
+            if name not in found:
+                text = (logs / f"{name}.log").read_text(errors="replace")
+                match = METRICS_LINE.findall(text)
+                if match:
+                    found[name] = match[-1]  # the latest start's
+        if len(found) == len(names) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def run_dev(settings: Settings, apis: int, consumers: int, start_stack: bool) -> int:
     started_stack = False
     if start_stack and _stack("status") != 0:
@@ -79,6 +99,8 @@ def run_dev(settings: Settings, apis: int, consumers: int, start_stack: bool) ->
         KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
         REDIS_URL=settings.redis_url,
         LOG_FORMAT=os.environ.get("LOG_FORMAT", "text"),
+        # every ai_consumer and the listener serve /metrics on a free port, printed below
+        METRICS_PORT="0",
         SIM_TOKEN_DELAY_MS=os.environ.get("SIM_TOKEN_DELAY_MS", "60"),
     )
     procs: list[subprocess.Popen[bytes]] = []
@@ -120,7 +142,10 @@ def run_dev(settings: Settings, apis: int, consumers: int, start_stack: bool) ->
         print(f"chatpipe is running: {apis} api, {consumers} ai_consumer, 1 cancel_listener")
         print(f"logs: {logs}")
         for url in urls:
-            print(f"api: {url}  (OpenAPI: {url}/docs)")
+            print(f"api: {url}  (OpenAPI: {url}/docs, metrics: {url}/metrics)")
+        others = [f"ai_consumer-{i + 1}" for i in range(consumers)] + ["cancel_listener"]
+        for name, url in _metrics_urls(logs, others).items():
+            print(f"{name} metrics: {url}")
         print(f"Open the demo: {urls[0]}/")
         print("Ctrl-C stops everything.", flush=True)
         while not stop:

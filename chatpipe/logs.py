@@ -1,9 +1,18 @@
-"""Logging set-up: JSON lines carrying message_id, session_id and instance_id."""
+"""Logging set-up: JSON lines carrying message_id, session_id and instance_id.
+
+Every line names its process (`service`, `instance_id`). A line about one message carries its
+`message_id` and `session_id`: passed as `extra=`, or bound for a whole task with
+`log_context(message_id=..., session_id=...)` (the ai_consumer binds them around each
+message, so every line logged while handling it has them, down to the sink).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -12,6 +21,26 @@ from chatpipe.schemas import rfc3339
 from chatpipe.settings import Settings
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_CONTEXT: ContextVar[dict[str, str]] = ContextVar("chatpipe_log_context", default={})  # noqa: B039
+
+
+@contextlib.contextmanager
+def log_context(**fields: str) -> Iterator[None]:
+    """Add `fields` to every log line of the current task (and tasks it starts) until exit."""
+    token = _CONTEXT.set({**_CONTEXT.get(), **fields})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """A record's own extras, over the fields bound with `log_context`."""
+    out: dict[str, Any] = dict(_CONTEXT.get())
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            out[key] = value
+    return out
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,9 +60,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        for key, value in _fields(record).items():
+            out.setdefault(key, value)  # the process's own service/instance_id win
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
@@ -47,9 +75,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = {
-            k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
-        }
+        extra = _fields(record)
         return f"{line} {extra}" if extra else line
 
 

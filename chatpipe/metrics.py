@@ -1,8 +1,21 @@
-"""Prometheus metrics of every chatpipe process (one registry per process, built at start)."""
+"""Prometheus metrics of every chatpipe process (one registry per process, built at start).
+
+The api serves them at `GET /metrics` on its own port; the ai_consumer and the cancel_listener
+call `serve_metrics()`, which serves `/metrics` on `METRICS_PORT` (0: a free port the OS picks,
+so several processes share one host; the address is logged) and logs
+`metrics listening on http://host:port/metrics`.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import logging
+from dataclasses import dataclass
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -26,6 +39,16 @@ class Metrics:
         )
         self.cancel_requests = Counter(
             "chatpipe_cancel_requests", "Cancel requests by answer", ["status"], registry=r
+        )
+        self.forbidden = Counter(
+            "chatpipe_forbidden",
+            "Requests refused for ownership (api_chat, api_stream, api_cancel, kafka_request, "
+            "kafka_cancel)",
+            ["path"],
+            registry=r,
+        )
+        self.limited = Counter(
+            "chatpipe_limited", "Requests refused by a limit", ["limit"], registry=r
         )
         # consumer
         self.active_streams = Gauge("chatpipe_active_streams", "Streams generating now", registry=r)
@@ -55,7 +78,11 @@ class Metrics:
         )
         self.cancel_latency = Histogram(
             "chatpipe_cancel_latency_seconds",
-            "Cancel requested_at to the stream's end on the generating instance",
+            "Cancel to the stream's terminal state on the generating instance; "
+            "since=requested_at: from the cancel's requested_at (it interrupted the stream: the "
+            "api's wake-up or the chat.cancels record); since=flag: from the chunk that saw the "
+            "Redis flag first (the flag carries no time)",
+            ["since"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -78,8 +105,42 @@ class Metrics:
         self.cancels_seen = Counter(
             "chatpipe_cancels_seen", "Cancel records read", ["source"], registry=r
         )
+        self.cancels_mirrored = Counter(
+            "chatpipe_cancels_mirrored",
+            "Cancel records mirrored into Redis, by result (flagged, final: the message had "
+            "ended, forbidden: not the sender's)",
+            ["result"],
+            registry=r,
+        )
         self.cancels_local = Counter(
             "chatpipe_cancels_interrupted",
             "Local streams interrupted by a cancel record",
             registry=r,
         )
+
+
+@dataclass
+class MetricsServer:
+    """The /metrics endpoint of a process without its own HTTP server."""
+
+    url: str
+    server: WSGIServer
+    thread: Thread
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer | None:
+    """Serve `/metrics` on `host:port` from a daemon thread (port 0: any free port; a negative
+    port: off). Logs the address, `metrics listening on http://host:port/metrics`."""
+    if port < 0:
+        log.info("metrics endpoint off (METRICS_PORT=%d)", port)
+        return None
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    bound = int(server.server_port)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{bound}/metrics"
+    log.info("metrics listening on %s", url, extra={"metrics_url": url})
+    return MetricsServer(url, server, thread)

@@ -5,9 +5,10 @@
 #   infra/local/install.sh [all]          everything below (the default)
 #   infra/local/install.sh packages [PKG...]
 #                                         Debian packages (default: redis-server redis-tools
-#                                         kcat chromium chromium-driver, plus a JDK and
-#                                         Maven if java/mvn are missing)
-#   infra/local/install.sh python         pip install -e '.[dev]' from the repo root
+#                                         kcat chromium chromium-driver nginx-light (the
+#                                         proxy tests), plus a JDK and Maven if java/mvn
+#                                         are missing)
+#   infra/local/install.sh python         pip install -e '.[dev,otel]' from the repo root
 #   infra/local/install.sh kafka          Kafka broker jars from Maven Central into the cache
 #
 # Settings (environment): CHATPIPE_CACHE_DIR=$HOME/.cache/chatpipe, PYTHON=python3,
@@ -32,7 +33,7 @@ is_installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "insta
 install_packages() {
   local wanted=("$@") missing=() pkg
   if ((${#wanted[@]} == 0)); then
-    wanted=(redis-server redis-tools kcat chromium chromium-driver)
+    wanted=(redis-server redis-tools kcat chromium chromium-driver nginx-light)
     command -v java >/dev/null 2>&1 || wanted+=(openjdk-17-jdk-headless)
     command -v mvn >/dev/null 2>&1 || wanted+=(maven)
   fi
@@ -76,9 +77,9 @@ install_python() {
     log "Python package already installed for $("$PYTHON" --version 2>&1) (pyproject.toml unchanged)"
     return 0
   fi
-  log "pip install -e '.[dev]' with $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
+  log "pip install -e '.[dev,otel]' with $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
   (cd "$ROOT" && PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-    "$PYTHON" -m pip install --quiet -e '.[dev]') || die "pip install -e '.[dev]' failed"
+    "$PYTHON" -m pip install --quiet -e '.[dev,otel]') || die "pip install -e '.[dev,otel]' failed"
   mkdir -p "$CACHE_DIR"
   printf '%s\n' "$key" >"$stamp"
   log "Python package installed"

@@ -106,6 +106,19 @@ class Proc:
             raise ValueError(f"{self.name} is not an api process")
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Where this process serves Prometheus metrics: an api at /metrics on its own port;
+        an ai_consumer or cancel_listener on the free port it picked at start (METRICS_PORT=0)
+        and logged as `metrics listening on http://host:port/metrics`."""
+        if self.kind == "api":
+            return f"{self.url}/metrics"
+        for line in self.lines():
+            url = line.get("metrics_url")
+            if url:
+                return str(url)
+        raise ClusterError(f"{self.name} has not logged its metrics address\n{self.tail()}")
+
     def start(self, cwd: Path) -> None:
         with self.log_path.open("ab") as out:
             self.popen = subprocess.Popen(
@@ -240,6 +253,7 @@ class Cluster:
             "consumer_group": s.consumer_group,
             "topic_partitions": s.topic_partitions,
             "api_host": "127.0.0.1",
+            "metrics_port": 0,  # ai_consumer / cancel_listener: a free port, see metrics_url
             "log_format": "json",
             "log_level": "INFO",
             "shutdown_grace_s": 2,
