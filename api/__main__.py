@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import uvicorn
 
 from api.app import create_app
+from api.auth import AuthConfigError
 from chatpipe.logs import setup_logging
 from chatpipe.settings import Settings
 
@@ -12,8 +15,13 @@ from chatpipe.settings import Settings
 def main() -> None:
     settings = Settings()
     setup_logging(settings, "api")
+    try:
+        app = create_app(settings)
+    except AuthConfigError as e:  # a setting that cannot work: one clear line, exit 2
+        print(f"api: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,

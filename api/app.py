@@ -8,27 +8,42 @@ from collections.abc import AsyncIterator
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from api.auth import Authenticator, Forbidden, Unauthenticated, secure_openapi
 from api.hub import Hub
+from api.limits import Full, Limited, RateLimiter, StreamLimits
 from api.middleware import RequestCounter
 from api.readiness import Readiness
 from api.routes import router
 from api.service import ChatService, Conflict, NotFound, TooLarge
+from api.stalled import App
 from chatpipe.clients import ProducerHandle, make_producer, make_redis
 from chatpipe.errors import ChatpipeError, Unavailable
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
 from chatpipe.settings import Settings
 from chatpipe.state import State
+from chatpipe.tracing import make_tracing
 
 log = logging.getLogger(__name__)
 
-STATUS = {Conflict: 409, TooLarge: 413, NotFound: 404, Unavailable: 503}
+STATUS = {
+    Unauthenticated: 401,
+    Forbidden: 403,
+    Conflict: 409,
+    TooLarge: 413,
+    NotFound: 404,
+    Limited: 429,
+    Full: 503,
+    Unavailable: 503,
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    auth = Authenticator(settings)  # reads key files now: a bad setting fails the start
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,11 +63,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.instance_id,
             metrics,
             settings.sse_client_queue,
+            read_interval_s=settings.sse_read_interval_ms / 1000,
         )
         hub.start()
         app.state.settings = settings
         app.state.metrics = metrics
-        app.state.service = ChatService(settings, State(redis, settings), producer, hub, metrics)
+        tracing = make_tracing(settings, "api")
+        keys = Keys.from_settings(settings)
+        streams = StreamLimits(
+            redis,
+            keys,
+            metrics,
+            max_connections=settings.sse_max_connections,
+            per_user=settings.max_streams_per_user,
+            slot_ttl_s=settings.stream_slot_ttl_s,
+            retry_after_s=settings.retry_after_s,
+            prefix=settings.instance_id,
+        )
+        streams.start()
+        rate = RateLimiter(redis, keys, settings.rate_limit_per_minute, metrics)
+        app.state.service = ChatService(
+            settings,
+            State(redis, settings),
+            producer,
+            hub,
+            metrics,
+            rate,
+            streams,
+            tracing=tracing,
+        )
         app.state.readiness = Readiness(redis, producer)
         app.state.demo_html = resources.files("api").joinpath("static/index.html").read_text()
         log.info(
@@ -61,25 +100,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await streams.stop()
             await hub.stop()
             for closer in (producer.stop, reader.aclose, redis.aclose):
                 with contextlib.suppress(Exception):
                     await closer()
+            tracing.close()
 
-    app = FastAPI(
+    app = App(  # FastAPI that drops clients which stopped reading (api/stalled.py)
         title="chatpipe",
         version="1.0.0",
         summary="Streams LLM chat answers over SSE; cancel on the first click from any instance.",
         lifespan=lifespan,
     )
+    app.state.auth = auth
     app.include_router(router)
+    secure_openapi(app, auth)
 
     app.add_middleware(RequestCounter)
+    origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
+    if origins:  # empty: no CORS headers, browsers allow same-origin only
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-API-Key"],
+            expose_headers=["Retry-After", "X-Message-Id"],
+            max_age=600,
+        )
 
     @app.exception_handler(ChatpipeError)
     async def on_error(request: Request, exc: ChatpipeError) -> JSONResponse:
         status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
-        headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
+        headers: dict[str, str] | None = None
+        if isinstance(exc, Limited):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        elif status == 503:
+            headers = {"Retry-After": str(settings.retry_after_s)}
+        elif status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         if status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)

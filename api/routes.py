@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 
+from api.auth import Caller, StreamCaller
+from api.limits import Slot
 from api.service import CANCEL_MESSAGES, ChatService
 from chatpipe.schemas import CancelBody, CancelResult, ChatAccepted, ChatBody
 
@@ -17,6 +21,17 @@ router = APIRouter()
 NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such message (in this session)"}
 }
+AUTH_DOC: dict[int | str, dict[str, Any]] = {
+    401: {"description": "AUTH_MODE on: missing, invalid or expired credentials"},
+    403: {"description": "AUTH_MODE on: the session or message belongs to another user"},
+}
+LIMIT_DOC: dict[int | str, dict[str, Any]] = {
+    429: {"description": "a per-user limit is reached; see Retry-After"},
+    503: {"description": "unavailable or this instance's SSE connections are full; Retry-After"},
+}
+# FastAPI answers 400 to a body that is not JSON at all (422 to JSON that does not validate);
+# found undocumented by the schemathesis run (tests/security/test_fuzz_api.py)
+BODY_DOC: dict[int | str, dict[str, Any]] = {400: {"description": "the body is not valid JSON"}}
 
 
 def _service(request: Request) -> ChatService:
@@ -24,18 +39,50 @@ def _service(request: Request) -> ChatService:
     return service
 
 
-def _sse(request: Request, events: Any, **headers: str) -> EventSourceResponse:
+class _HeldEventSource(EventSourceResponse):
+    """An SSE response that frees its stream slot however it ends (also for HEAD, or a
+    client gone before the first event, when the event iterator never starts)."""
+
+    def __init__(self, events: Any, slot: Slot, **kwargs: Any) -> None:
+        super().__init__(events, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.slot.release()
+
+    async def _send_with_timeout(self, send: Any, message: Any) -> None:
+        """As sse-starlette's (SendTimeoutError after `send_timeout`), with an asyncio timeout
+        instead of an anyio cancel scope: this runs for every event, and the scope's
+        bookkeeping was ~12% of the api's CPU at 200 streams (docs/benchmarks.md)."""
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise SendTimeoutError() from None
+
+
+def _sse(request: Request, events: Any, slot: Slot, **headers: str) -> EventSourceResponse:
     s = request.app.state.settings
-    return EventSourceResponse(
+    return _HeldEventSource(
         events,
+        slot,
         ping=s.sse_heartbeat_s,
         send_timeout=s.sse_send_timeout_s,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )
 
 
-def _stream_url(message_id: str) -> str:
-    return f"/api/chat/{message_id}/stream"
+def _stream_url(request: Request, message_id: str, user_id: str | None) -> str:
+    """The contract's path; with AUTH_MODE on, plus a short-lived stream token for this
+    message (an EventSource cannot send an Authorization header)."""
+    url = f"/api/chat/{message_id}/stream"
+    tokens = request.app.state.auth.stream_tokens
+    if tokens is None or user_id is None:
+        return url
+    return f"{url}?token={tokens.issue(message_id, user_id)}"
 
 
 @router.post(
@@ -44,51 +91,70 @@ def _stream_url(message_id: str) -> str:
     response_model=ChatAccepted,
     tags=["chat"],
     responses={
+        **AUTH_DOC,
+        **BODY_DOC,
         409: {"description": "message_id already used"},
         413: {"description": "message too large"},
+        **LIMIT_DOC,
         503: {"description": "Kafka or Redis unavailable; see Retry-After"},
     },
 )
-async def post_chat(body: ChatBody, request: Request) -> ChatAccepted:
-    """Queue a chat message. The request is in Kafka (acks=all) before the 202."""
-    req = await _service(request).submit(body, request.headers.get("traceparent"))
+async def post_chat(body: ChatBody, request: Request, caller: Caller) -> ChatAccepted:
+    """Queue a chat message. The request is in Kafka (acks=all) before the 202. With AUTH_MODE
+    on, the user is the authenticated one and `stream_url` carries a stream token."""
+    req = await _service(request).submit(body, caller, request.headers.get("traceparent"))
     return ChatAccepted(
-        message_id=req.message_id, session_id=req.session_id, stream_url=_stream_url(req.message_id)
+        message_id=req.message_id,
+        session_id=req.session_id,
+        stream_url=_stream_url(request, req.message_id, req.user_id if caller else None),
     )
 
 
 @router.get(
     "/api/chat/{message_id}/stream",
     tags=["chat"],
-    responses=NOT_FOUND_DOC,
+    responses={**NOT_FOUND_DOC, **AUTH_DOC, **LIMIT_DOC},
     response_class=EventSourceResponse,
 )
 async def get_stream(
     message_id: str,
     request: Request,
+    caller: StreamCaller,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
-    """The answer as Server-Sent Events: `chunk` {seq, delta}, then one `done` {status, reason?}."""
-    events = await _service(request).open_stream(message_id, last_event_id)
-    return _sse(request, events)
+    """The answer as Server-Sent Events: `chunk` {seq, delta}, then one `done` {status, reason?}.
+    With AUTH_MODE on: the `token` of `stream_url`, or the bearer header."""
+    events, slot = await _service(request).open_stream(message_id, last_event_id, caller)
+    return _sse(request, events, slot)
 
 
 @router.post(
     "/api/chat/stream",
     tags=["chat"],
     response_class=EventSourceResponse,
-    responses={413: {"description": "message too large"}, 503: {"description": "unavailable"}},
+    responses={
+        **AUTH_DOC,
+        **BODY_DOC,
+        409: {"description": "message_id already used"},  # found by the schemathesis run
+        413: {"description": "message too large"},
+        **LIMIT_DOC,
+    },
 )
-async def post_chat_stream(body: ChatBody, request: Request) -> EventSourceResponse:
+async def post_chat_stream(body: ChatBody, request: Request, caller: Caller) -> EventSourceResponse:
     """Queue a chat message and answer with its SSE stream directly."""
     service = _service(request)
-    req = await service.submit(body, request.headers.get("traceparent"))
-    events = await service.open_stream(req.message_id, None)
-    return _sse(request, events, **{"X-Message-Id": req.message_id})
+    slot = await service.take_slot(caller)  # a stream limit refuses before anything is queued
+    try:
+        req = await service.submit(body, caller, request.headers.get("traceparent"))
+    except BaseException:
+        await slot.release()
+        raise
+    events, slot = await service.open_stream(req.message_id, None, caller, slot)
+    return _sse(request, events, slot, **{"X-Message-Id": req.message_id})
 
 
-async def _cancel(body: CancelBody, request: Request) -> Response:
-    status = await _service(request).cancel(body)
+async def _cancel(body: CancelBody, request: Request, caller: Caller) -> Response:
+    status = await _service(request).cancel(body, caller)
     if status == "not_found":
         return JSONResponse(
             {
@@ -103,16 +169,19 @@ async def _cancel(body: CancelBody, request: Request) -> Response:
     return JSONResponse(result.model_dump())
 
 
-@router.post("/api/cancel", response_model=CancelResult, tags=["cancel"], responses=NOT_FOUND_DOC)
-async def post_cancel(body: CancelBody, request: Request) -> Response:
+CANCEL_DOC = {**NOT_FOUND_DOC, **AUTH_DOC, **BODY_DOC}
+
+
+@router.post("/api/cancel", response_model=CancelResult, tags=["cancel"], responses=CANCEL_DOC)
+async def post_cancel(body: CancelBody, request: Request, caller: Caller) -> Response:
     """Stop a message on the first click, whichever instance receives it."""
-    return await _cancel(body, request)
+    return await _cancel(body, request, caller)
 
 
-@router.post("/cancel", response_model=CancelResult, tags=["cancel"], responses=NOT_FOUND_DOC)
-async def post_cancel_seed(body: CancelBody, request: Request) -> Response:
+@router.post("/cancel", response_model=CancelResult, tags=["cancel"], responses=CANCEL_DOC)
+async def post_cancel_seed(body: CancelBody, request: Request, caller: Caller) -> Response:
     """The seed's cancel path, kept for its callers: same as `POST /api/cancel`."""
-    return await _cancel(body, request)
+    return await _cancel(body, request, caller)
 
 
 @router.get("/health", tags=["ops"])

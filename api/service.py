@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
 
+from api.auth import Forbidden, Principal
 from api.hub import Hub, format_id, parse_id
+from api.limits import RateLimiter, Slot, StreamLimits
 from chatpipe.clients import ProducerHandle
 from chatpipe.codec import headers_for
 from chatpipe.errors import ChatpipeError, Unavailable
@@ -19,6 +23,7 @@ from chatpipe.metrics import Metrics
 from chatpipe.schemas import CancelBody, ChatBody, ChatCancel, ChatRequest, rfc3339, utcnow
 from chatpipe.settings import Settings
 from chatpipe.state import State
+from chatpipe.tracing import Tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +48,10 @@ class NotFound(ChatpipeError):
     """No such message."""
 
 
+FORBIDDEN_SESSION = "forbidden: this session or message id belongs to another user"
+FORBIDDEN_MESSAGE = "forbidden: this message belongs to another user"
+
+
 class ChatService:
     def __init__(
         self,
@@ -51,12 +60,22 @@ class ChatService:
         producer: ProducerHandle,
         hub: Hub,
         metrics: Metrics,
+        rate: RateLimiter,
+        streams: StreamLimits,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing()  # a span per chat; no-op: traceparent as it came
         self.state = state
         self.producer = producer
         self.hub = hub
         self.metrics = metrics
+        self.rate = rate
+        self.streams = streams
+
+    def _enforce(self, caller: Principal | None) -> bool:
+        """Ownership is checked for authenticated callers (AUTH_MODE on), unless turned off."""
+        return caller is not None and self.settings.ownership_enforced
 
     async def _bounded(self, what: str, aw: Awaitable[T]) -> T:
         """Kafka and Redis calls end within the bound: a 503, never a hung request."""
@@ -72,62 +91,100 @@ class ChatService:
         except Exception as e:
             raise Unavailable(f"{what} unavailable: {type(e).__name__}: {e}") from None
 
-    async def submit(self, body: ChatBody, traceparent: str | None = None) -> ChatRequest:
+    async def submit(
+        self, body: ChatBody, caller: Principal | None = None, traceparent: str | None = None
+    ) -> ChatRequest:
         size = len(body.message.encode())
         if size > self.settings.max_message_bytes:
             raise TooLarge(
                 f"message is {size} bytes, the limit is {self.settings.max_message_bytes}"
             )
+        user_id = body.user_id
+        if caller is not None:
+            if body.user_id is not None and body.user_id != caller.user_id:
+                self.metrics.forbidden.labels("api_chat").inc()
+                raise Forbidden("forbidden: user_id in the body is not the authenticated user")
+            user_id = caller.user_id
+            await self._bounded("redis", self.rate.hit(caller.user_id))
         request = ChatRequest(
             message_id=body.message_id or uuid.uuid4().hex,
             session_id=body.session_id,
-            user_id=body.user_id,
+            user_id=user_id,
             message=body.message,
             options=body.options,
         )
         answer = await self._bounded(
             "redis",
             self.state.accept(
-                request.message_id, request.session_id, request.user_id, rfc3339(request.created_at)
+                request.message_id,
+                request.session_id,
+                request.user_id,
+                rfc3339(request.created_at),
+                enforce=self._enforce(caller),
             ),
         )
+        if answer == "forbidden":
+            self.metrics.forbidden.labels("api_chat").inc()
+            log.warning(
+                "chat refused: session or message id of another user",
+                extra={"message_id": request.message_id, "session_id": request.session_id},
+            )
+            raise Forbidden(FORBIDDEN_SESSION)
         if answer != "ok":
             raise Conflict(f"message_id {request.message_id} is already used (state {answer})")
-        try:
-            await self._bounded(
-                "kafka",
-                self.producer.get().send_and_wait(
-                    self.settings.requests_topic,
-                    request.to_json(),
-                    key=request.session_id.encode(),
-                    headers=headers_for(request.type, traceparent),
-                ),
-            )
-        except Unavailable:
+        attributes = {
+            "chatpipe.message_id": request.message_id,
+            "chatpipe.session_id": request.session_id,
+        }
+        with self.tracing.span("chat.submit", traceparent, attributes) as traceparent:
             try:
-                await self._bounded("redis", self.state.forget(request.message_id))
-            except Unavailable:
-                log.warning(
-                    "could not forget an unsent message", extra={"message_id": request.message_id}
+                await self._bounded(
+                    "kafka",
+                    self.producer.get().send_and_wait(
+                        self.settings.requests_topic,
+                        request.to_json(),
+                        key=request.session_id.encode(),
+                        headers=headers_for(request.type, traceparent),
+                    ),
                 )
-            raise
+            except Unavailable:
+                try:
+                    await self._bounded("redis", self.state.forget(request.message_id))
+                except Unavailable:
+                    log.warning(
+                        "could not forget an unsent message",
+                        extra={"message_id": request.message_id, "session_id": request.session_id},
+                    )
+                raise
         log.info(
             "chat queued",
             extra={"message_id": request.message_id, "session_id": request.session_id},
         )
         return request
 
-    async def cancel(self, body: CancelBody) -> str:
+    async def cancel(self, body: CancelBody, caller: Principal | None = None) -> str:
+        user_id = caller.user_id if caller is not None else None
         answer: str = await self._bounded(
-            "redis", self.state.cancel(body.session_id, body.message_id)
+            "redis",
+            self.state.cancel(
+                body.session_id, body.message_id, user_id, enforce=self._enforce(caller)
+            ),
         )
         self.metrics.cancel_requests.labels(answer).inc()
         ids = {"message_id": body.message_id, "session_id": body.session_id}
+        if answer == "forbidden":
+            self.metrics.forbidden.labels("api_cancel").inc()
+            log.warning("cancel refused: message of another user", extra=ids)
+            raise Forbidden(FORBIDDEN_MESSAGE)
         if answer != "cancelled":
             log.info("cancel answered %s", answer, extra=ids)
             return answer
+        await self._wake_streamer(body)
         cancel = ChatCancel(
-            session_id=body.session_id, message_id=body.message_id, reason=body.reason
+            session_id=body.session_id,
+            message_id=body.message_id,
+            user_id=user_id,
+            reason=body.reason,
         )
         try:
             await self._bounded(
@@ -145,11 +202,49 @@ class ChatService:
         log.info("cancel accepted", extra=ids)
         return answer
 
+    async def _wake_streamer(self, body: CancelBody) -> None:
+        """Tell every ai_consumer at once (Redis Pub/Sub) so the one streaming the message stops
+        it now, without waiting for its next token or for chat.cancels. A wake-up only: the
+        flag (set) and the Kafka record (next) carry the cancel if this is lost."""
+        payload = orjson.dumps({"s": body.session_id, "m": body.message_id, "at": time.time()})
+        try:
+            await self.state.redis.publish(self.state.keys.cancel_wakeup(), payload)
+        except Exception as e:
+            log.warning(
+                "cancel wake-up not published: %s", e, extra={"message_id": body.message_id}
+            )
+
+    async def take_slot(self, caller: Principal | None) -> Slot:
+        """A stream slot (per-process connections, per-user streams) or Limited / Full."""
+        return await self._bounded(
+            "redis", self.streams.acquire(caller.user_id if caller is not None else None)
+        )
+
     async def open_stream(
-        self, message_id: str, last_event_id: str | None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Check the message exists (waiting a moment for one produced straight to Kafka), then
-        return the iterator of its SSE events after `last_event_id`."""
+        self,
+        message_id: str,
+        last_event_id: str | None,
+        caller: Principal | None = None,
+        slot: Slot | None = None,
+    ) -> tuple[AsyncIterator[bytes], Slot]:
+        """Check the message exists (waiting a moment for one produced straight to Kafka) and is
+        the caller's, take a stream slot (limits), then return the iterator of its SSE events
+        after `last_event_id` and the slot (released when the response ends). A `slot` taken
+        beforehand (`take_slot`) is used instead, and released on failure too."""
+        try:
+            return await self._open_stream(message_id, last_event_id, caller, slot)
+        except BaseException:
+            if slot is not None:
+                await slot.release()
+            raise
+
+    async def _open_stream(
+        self,
+        message_id: str,
+        last_event_id: str | None,
+        caller: Principal | None,
+        slot: Slot | None,
+    ) -> tuple[AsyncIterator[bytes], Slot]:
         after = (0, 0)
         if last_event_id:
             try:
@@ -158,8 +253,22 @@ class ChatService:
                 after = (0, 0)
         if not await self._bounded("redis", self._wait_exists(message_id)):
             raise NotFound(f"no message {message_id}")
-        sub = await self._bounded("redis", self.hub.subscribe(message_id, after))
-        return self._events(sub)
+        if caller is not None and self._enforce(caller):
+            owner = (await self._bounded("redis", self.state.message(message_id))).get("user")
+            if owner != caller.user_id:
+                self.metrics.forbidden.labels("api_stream").inc()
+                log.warning(
+                    "stream refused: message of another user", extra={"message_id": message_id}
+                )
+                raise Forbidden(FORBIDDEN_MESSAGE)
+        if slot is None:
+            slot = await self.take_slot(caller)
+        try:
+            sub = await self._bounded("redis", self.hub.subscribe(message_id, after))
+        except BaseException:
+            await slot.release()
+            raise
+        return self._events(sub, slot), slot
 
     async def _wait_exists(self, message_id: str) -> bool:
         loop = asyncio.get_running_loop()
@@ -171,43 +280,61 @@ class ChatService:
                 return False
             await asyncio.sleep(0.05)
 
-    async def _events(self, sub: Any) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, sub: Any, slot: Slot) -> AsyncIterator[bytes]:
+        """The SSE text of the message's events, encoded here once (`id`, `event`, `data`, as
+        sse-starlette writes them). Everything already queued for this client leaves as one
+        piece, so a client that fell behind catches up with one write, not one per event."""
         self.metrics.sse_clients.inc()
         last = sub.after
+        counters: dict[str, Any] = {}  # event -> its metric child (labels() once per client)
         try:
-            pending = list(sub.backlog)
-            while True:
-                if pending:
-                    entry = pending.pop(0)
-                else:
+            pending = collections.deque(sub.backlog)
+            ended = False
+            while not ended:
+                if not pending:
                     if sub.overflowed and sub.queue.empty():
                         log.info(
                             "slow SSE client dropped; it resumes with Last-Event-ID",
                             extra={"message_id": sub.message_id},
                         )
                         return
-                    entry = await sub.queue.get()
-                    if entry is None:
+                    first = await sub.queue.get()
+                    if first is None:
                         return
-                entry_id, fields = entry
-                sid = parse_id(entry_id)
-                if sid <= last:
-                    continue
-                last = sid
-                event = fields.get(b"e", b"").decode()
-                if event == "started":
-                    continue  # on chat.responses only; SSE readers see chunk/restart/done
-                self.metrics.sse_events.labels(event).inc()
-                yield {
-                    "id": format_id(sid),
-                    "event": event,
-                    "data": fields.get(b"d", b"{}").decode(),
-                }
-                if event == "done":
-                    return
+                    pending.append(first)
+                while not sub.queue.empty():
+                    more = sub.queue.get_nowait()
+                    if more is None:
+                        ended = True  # the hub stopped: send what came before, then end
+                        break
+                    pending.append(more)
+                out: list[bytes] = []
+                while pending:
+                    entry_id, fields = pending.popleft()
+                    sid = parse_id(entry_id)
+                    if sid <= last:
+                        continue
+                    last = sid
+                    event = fields.get(b"e", b"").decode()
+                    if event == "started":
+                        continue  # on chat.responses only; SSE readers see chunk/restart/done
+                    counter = counters.get(event)
+                    if counter is None:
+                        counter = counters[event] = self.metrics.sse_events.labels(event)
+                    counter.inc()
+                    out.append(
+                        b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n"
+                        % (format_id(sid).encode(), event.encode(), fields.get(b"d", b"{}"))
+                    )
+                    if event == "done":
+                        ended = True
+                        break
+                if out:
+                    yield b"".join(out)
         finally:
             self.metrics.sse_clients.dec()
             self.hub.unsubscribe(sub)
+            await slot.release()
 
 
 def dumps_text(obj: Any) -> str:

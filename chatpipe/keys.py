@@ -54,3 +54,20 @@ class Keys:
     def wakeup(self, instance_id: str) -> str:
         """Private stream an api process writes to wake its own blocked XREAD."""
         return f"{self.prefix}chat:wakeup:{instance_id}"
+
+    def cancel_wakeup(self) -> str:
+        """Pub/Sub channel: the api announces each accepted cancel so the ai_consumer that
+        streams the message interrupts it at once (a wake-up only: Kafka and the flag carry it)."""
+        return f"{self.prefix}chat:cancel-wakeup"
+
+    def owner(self, session_id: str) -> str:
+        """user_id of the session's first sender (set once, atomically; TTL refreshed)."""
+        return f"{self.prefix}chat:owner:{session_id}"
+
+    def rate(self, user_id: str) -> str:
+        """A user's chat-message rate limiter state (GCRA theoretical arrival time, ms)."""
+        return f"{self.prefix}chat:rate:{user_id}"
+
+    def stream_slots(self, user_id: str) -> str:
+        """Sorted set of a user's open SSE streams (member = slot id, score = expiry ms)."""
+        return f"{self.prefix}chat:slots:{user_id}"

@@ -24,13 +24,24 @@ from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 
 FINAL_STATES = frozenset({"completed", "cancelled", "failed"})
-CancelAnswer = Literal["cancelled", "completed", "failed", "not_found"]
+CancelAnswer = Literal["cancelled", "completed", "failed", "not_found", "forbidden"]
 
 # ---------------------------------------------------------------------------------------
-# KEYS msg ; ARGV session user now ttl  ->  "ok" | existing state
+# Ownership (ARGV enforce = '1'): a message id another user sent, or a session whose owner
+# (KEYS owner, set by the session's first message) is another user, answers 'forbidden' and
+# changes nothing; otherwise the owner key is set (first message) and its TTL refreshed.
+# KEYS msg owner ; ARGV session user now ttl enforce owner_ttl  ->  "ok" | "forbidden" | state
 ACCEPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
+if ARGV[5] == '1' then
+  if state and redis.call('HGET', KEYS[1], 'user') ~= ARGV[2] then return 'forbidden' end
+  if not state then
+    local owner = redis.call('GET', KEYS[2])
+    if owner and owner ~= ARGV[2] then return 'forbidden' end
+  end
+end
 if state then return state end
+if ARGV[5] == '1' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[6]) end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'session', ARGV[1], 'user', ARGV[2],
            'created', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -48,11 +59,12 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'queued'
 """
 
-# The api's cancel. KEYS msg cancel ; ARGV session ttl queued_ttl -> answer
+# The api's cancel. KEYS msg cancel ; ARGV session ttl queued_ttl enforce user -> answer
 CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'not_found' end
 if redis.call('HGET', KEYS[1], 'session') ~= ARGV[1] then return 'not_found' end
+if ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'user') ~= ARGV[5] then return 'forbidden' end
 if state == 'completed' or state == 'failed' or state == 'cancelled' then return state end
 local ttl = ARGV[2]
 if state == 'queued' then ttl = ARGV[3] end
@@ -63,22 +75,49 @@ return 'cancelled'
 
 # The listener's mirror of a cancel record. Unlike the api's cancel it also flags a message
 # nobody has seen yet (a Spring frontend may cancel before its request is consumed).
-# KEYS msg cancel ; ARGV ttl queued_ttl -> 1 flag set | 0 message already final
+# With ownership enforced (ARGV enforce = '1') a cancel from anyone but the message's sender
+# (or, for a message not seen yet, the session's owner) changes nothing: -1.
+# KEYS msg cancel owner ; ARGV ttl queued_ttl enforce user
+#   -> 1 flag set | 0 message already final | -1 forbidden
 MIRROR_CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' then return 0 end
+if ARGV[3] == '1' then
+  if ARGV[4] == '' then return -1 end
+  if state then
+    if redis.call('HGET', KEYS[1], 'user') ~= ARGV[4] then return -1 end
+  else
+    local owner = redis.call('GET', KEYS[3])
+    if owner and owner ~= ARGV[4] then return -1 end
+  end
+end
 local ttl = ARGV[2]
 if state == 'streaming' then ttl = ARGV[1] end
 redis.call('SET', KEYS[2], '1', 'EX', ttl)
 return 1
 """
 
-# KEYS msg lease cancel active stream ; ARGV instance lease_ms session user now msg_ttl active_ttl
-#   -> {'final', state} | {'owned', owner} | {'cancel', restart} | {'start', restart, next_seq}
+# With ownership enforced (ARGV enforce = '1'): a request without a user, or for a message id
+# another user sent, or in another user's session answers {'forbidden', why} before anything
+# changes; otherwise the session's owner key is set (first message) and its TTL refreshed.
+# KEYS msg lease cancel active stream owner
+# ARGV instance lease_ms session user now msg_ttl active_ttl message_id enforce owner_ttl
+#   -> {'final', state} | {'owned', owner} | {'forbidden', why} | {'cancel', restart}
+#      | {'start', restart, next_seq}
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' then
   return {'final', state}
+end
+if ARGV[9] == '1' then
+  if ARGV[4] == '' then return {'forbidden', 'user'} end
+  if state and (redis.call('HGET', KEYS[1], 'user') ~= ARGV[4]
+                or redis.call('HGET', KEYS[1], 'session') ~= ARGV[3]) then
+    return {'forbidden', 'message'}
+  end
+  local session_owner = redis.call('GET', KEYS[6])
+  if session_owner and session_owner ~= ARGV[4] then return {'forbidden', 'session'} end
+  redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[10])
 end
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return {'owned', owner} end
@@ -150,7 +189,7 @@ def _s(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    outcome: Literal["final", "owned", "cancel", "start"]
+    outcome: Literal["final", "owned", "forbidden", "cancel", "start"]
     detail: str = ""
     restart: bool = False
     next_seq: int = 0
@@ -180,24 +219,50 @@ class State:
         self._refresh = redis.register_script(REFRESH)
 
     # --- api ---------------------------------------------------------------------------
-    async def accept(self, message_id: str, session_id: str, user_id: str | None, now: str) -> str:
-        """Record a new message as queued. Returns "ok", or the state of an existing one."""
-        args: list[Arg] = [session_id, user_id or "", now, self.settings.msg_ttl_s]
-        return _s(await self._accept(keys=[self.keys.msg(message_id)], args=args))
+    async def accept(
+        self,
+        message_id: str,
+        session_id: str,
+        user_id: str | None,
+        now: str,
+        enforce: bool = False,
+    ) -> str:
+        """Record a new message as queued. Returns "ok", "forbidden" (`enforce`: the session or
+        the message id is another user's), or the state of an existing message."""
+        s = self.settings
+        keys = [self.keys.msg(message_id), self.keys.owner(session_id)]
+        args: list[Arg] = [
+            session_id,
+            user_id or "",
+            now,
+            s.msg_ttl_s,
+            int(enforce),
+            s.session_owner_ttl_s,
+        ]
+        return _s(await self._accept(keys=keys, args=args))
+
+    async def session_owner(self, session_id: str) -> str | None:
+        value = await self.redis.get(self.keys.owner(session_id))
+        return _s(value) if value is not None else None
 
     async def forget(self, message_id: str) -> None:
         """Undo `accept` when the request never reached Kafka."""
         await self.redis.delete(self.keys.msg(message_id))
 
-    async def cancel(self, session_id: str, message_id: str) -> CancelAnswer:
+    async def cancel(
+        self, session_id: str, message_id: str, user_id: str | None = None, enforce: bool = False
+    ) -> CancelAnswer:
+        """`enforce`: only the message's sender may cancel it ("forbidden" otherwise)."""
         keys = [self.keys.msg(message_id), self.keys.cancel(session_id, message_id)]
         args: list[Arg] = [
             session_id,
             self.settings.cancel_ttl_s,
             self.settings.cancel_queued_ttl_s,
+            int(enforce),
+            user_id or "",
         ]
         answer = _s(await self._cancel(keys=keys, args=args))
-        assert answer in ("cancelled", "completed", "failed", "not_found"), answer
+        assert answer in ("cancelled", "completed", "failed", "not_found", "forbidden"), answer
         return cast(CancelAnswer, answer)
 
     async def message(self, message_id: str) -> dict[str, str]:
@@ -216,10 +281,23 @@ class State:
         return bool(await self.redis.exists(self.keys.cancel(session_id, message_id)))
 
     # --- listener ----------------------------------------------------------------------
-    async def mirror_cancel(self, pipe: Pipeline, session_id: str, message_id: str) -> None:
-        """Queue the flag of a cancel record on `pipe` (result: 1 set, 0 message already final)."""
-        keys = [self.keys.msg(message_id), self.keys.cancel(session_id, message_id)]
-        args: list[Arg] = [self.settings.cancel_ttl_s, self.settings.cancel_queued_ttl_s]
+    async def mirror_cancel(
+        self, pipe: Pipeline, session_id: str, message_id: str, user_id: str | None = None
+    ) -> None:
+        """Queue the flag of a cancel record on `pipe` (result: 1 set, 0 message already final,
+        -1 forbidden: ownership enforced and `user_id` is not the message's sender)."""
+        keys = [
+            self.keys.msg(message_id),
+            self.keys.cancel(session_id, message_id),
+            self.keys.owner(session_id),
+        ]
+        s = self.settings
+        args: list[Arg] = [
+            s.cancel_ttl_s,
+            s.cancel_queued_ttl_s,
+            int(s.ownership_enforced),
+            user_id or "",
+        ]
         await self._mirror(keys=keys, args=args, client=pipe)
 
     # --- consumer ----------------------------------------------------------------------
@@ -240,6 +318,7 @@ class State:
             k.cancel(session_id, message_id),
             k.active(session_id),
             k.stream(message_id),
+            k.owner(session_id),
         ]
         s = self.settings
         args: list[Arg] = [
@@ -251,10 +330,12 @@ class State:
             s.msg_ttl_s,
             s.active_ttl_s,
             message_id,
+            int(s.ownership_enforced),
+            s.session_owner_ttl_s,
         ]
         raw = await self._claim(keys=keys, args=args)
         outcome = _s(raw[0])
-        if outcome in ("final", "owned"):
+        if outcome in ("final", "owned", "forbidden"):
             return Claim(outcome, detail=_s(raw[1]))  # type: ignore[arg-type]
         return Claim(outcome, restart=bool(int(raw[1])), next_seq=int(raw[2]))  # type: ignore[arg-type]
 
