@@ -27,7 +27,7 @@ STACK := infra/local/stack.sh
 STACK_ENV := KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0
 
 .PHONY: help install stack-up stack-down stack-status stack-logs stack-wipe topics dev \
-	test test-unit lint format typecheck bench bench-smoke clean
+	test test-unit test-security lint format typecheck bench bench-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ test: install stack-up  ## the whole suite against the local stack (which stays 
 
 test-unit:  ## unit tests only: no services needed
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-security: stack-up  ## auth, limits, secrets, fuzzers, SASL/ACL/TLS connections (docs/security.md)
+	$(STACK_ENV) $(PYTHON) -m pytest tests/security tests/e2e/test_secure_connections.py $(PYTEST_ARGS)
 
 lint:  ## ruff lint + format check (+ shellcheck of the scripts, when installed)
 	$(PYTHON) -m ruff check .

@@ -8,6 +8,7 @@ import time
 from redis.asyncio import Redis
 
 from chatpipe.clients import ProducerHandle
+from chatpipe.redact import redact_text
 
 
 class Readiness:
@@ -24,7 +25,8 @@ class Readiness:
         except TimeoutError:
             return f"no answer within {self.timeout_s:g}s"
         except Exception as e:
-            return f"{type(e).__name__}: {e}"[:200]
+            # the cause as an operator needs it (a refused login says so), URL passwords masked
+            return redact_text(f"{type(e).__name__}: {e}")[:300]
         return "ok"
 
     async def _kafka(self) -> None:

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatpipe.redact import redact_url
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SASL_PLAINTEXT", "SSL", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 def _default_instance_id() -> str:
@@ -30,6 +36,29 @@ class Settings(BaseSettings):
     kafka_request_timeout_ms: int = 5000
     kafka_session_timeout_ms: int = 10_000  # a dead consumer's partitions move after this
 
+    # --- secure connections (docs/security.md "Secure connections") ---------------------
+    # Kafka: PLAINTEXT (default, local dev), SASL_PLAINTEXT, SSL or SASL_SSL, for every client
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: KafkaSaslMechanism = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_ca_file: str = ""  # PEM CA bundle of the brokers' certificates; empty = system CAs
+    kafka_ssl_cert_file: str = ""  # client certificate (mutual TLS), PEM
+    kafka_ssl_key_file: str = ""  # its private key, PEM
+    kafka_ssl_key_password: SecretStr = SecretStr("")  # when that key is encrypted
+    kafka_ssl_check_hostname: bool = True  # off only for brokers whose certs name no host
+    # a Kafka client that has not connected (bootstrap, SASL, TLS) by then fails start-up with
+    # the cause (bad password, TLS, unreachable) instead of retrying silently
+    kafka_connect_timeout_s: float = 15.0
+    # Redis: credentials in REDIS_URL (redis://user:pass@host) win over these two
+    redis_username: str = ""  # ACL user; empty = `default`
+    redis_password: SecretStr = SecretStr("")
+    # TLS is on with a rediss:// URL; these name its files
+    redis_ssl_ca_file: str = ""  # PEM CA of the server's certificate; empty = system CAs
+    redis_ssl_cert_file: str = ""  # client certificate (tls-auth-clients yes), PEM
+    redis_ssl_key_file: str = ""
+    redis_ssl_check_hostname: bool = True
+
     # --- names (prefixes let tests and tenants share one broker and one Redis) ---------
     topic_prefix: str = ""
     key_prefix: str = ""
@@ -45,18 +74,54 @@ class Settings(BaseSettings):
     instance_id: str = Field(default_factory=_default_instance_id)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
-    metrics_port: int = 0  # ai_consumer / cancel_listener: serve /metrics here (0 = off)
+    # ai_consumer / cancel_listener: serve /metrics on this port; 0 = a free port the OS picks
+    # (logged: `metrics listening on http://host:port/metrics`), so several processes share
+    # a host; -1 = off. The api serves /metrics on API_PORT.
+    metrics_port: int = 0
+    metrics_host: str = ""  # bind address of that endpoint; "" = API_HOST
+    # OpenTelemetry (the `otel` extra): a span per chat in the api and per message in the
+    # ai_consumer, W3C traceparent injected into the Kafka headers. Off, or the extra not
+    # installed: an incoming traceparent is passed through unchanged. OTEL_SDK_DISABLED=true
+    # and the standard OTEL_* variables (service name, exporter) are honoured.
+    otel_enabled: bool = False
 
     # --- api ---------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     max_message_bytes: int = 32 * 1024
     sse_heartbeat_s: float = 15.0
+    # a client that takes none of its SSE bytes for this long (TCP window closed) is dropped
     sse_send_timeout_s: float = 30.0
     sse_client_queue: int = 1024
     sse_unknown_grace_ms: int = 1500
+    # perf (docs/benchmarks.md): the SSE hub issues at most one XREAD per this many ms, so a
+    # busy api reads many chunks per round trip (fewer commands, less CPU) for <= this delay
+    sse_read_interval_ms: float = 10.0
     api_kafka_timeout_s: float = 5.0
     retry_after_s: int = 5
+
+    # --- api security (docs/security.md "Authentication, ownership, limits") ------------
+    # none = local dev and contract v1 tests; jwt = bearer JWT; api_key = static keys
+    auth_mode: Literal["none", "jwt", "api_key"] = "none"
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_secret: SecretStr = SecretStr("")  # HS256 shared secret
+    jwt_public_key_file: str = ""  # RS256: a PEM public key file ...
+    jwt_jwks_file: str = ""  # ... or a JWKS JSON file (keys picked by `kid`)
+    jwt_audience: str = ""  # checked when set
+    jwt_issuer: str = ""  # checked when set
+    jwt_leeway_s: int = 30  # clock skew allowed on exp / nbf / iat
+    api_keys: SecretStr = SecretStr("")  # api_key mode: "user1:key1,user2:key2"
+    # signs the stream tokens in stream_url; empty = derived from JWT_SECRET (HS256 only)
+    stream_token_secret: SecretStr = SecretStr("")
+    stream_token_ttl_s: int = 300  # a stream URL opens (or reconnects) within this
+    # sessions belong to their first sender; None = enforced iff AUTH_MODE is not none
+    enforce_ownership: bool | None = None
+    session_owner_ttl_s: int = 7 * 86400  # refreshed by every message of the session
+    rate_limit_per_minute: int = 60  # chat messages per user per minute (0 = off)
+    max_streams_per_user: int = 8  # open SSE streams per user, all api instances (0 = off)
+    stream_slot_ttl_s: int = 60  # a dead api's stream slots free themselves after this
+    sse_max_connections: int = 10_000  # SSE connections per api process (503 beyond)
+    cors_allow_origins: str = ""  # comma-separated origins; empty = no CORS headers
 
     # --- Redis lifetimes ---------------------------------------------------------------
     active_ttl_s: int = 300
@@ -70,7 +135,7 @@ class Settings(BaseSettings):
     llm_provider: Literal["simulated", "openai"] = "simulated"
     llm_base_url: str = ""
     llm_model: str = ""
-    llm_api_key: str = ""
+    llm_api_key: SecretStr = SecretStr("")  # a secret: never in reprs or logs
     llm_timeout_s: float = 30.0
     sim_tokens: int = 60
     sim_token_delay_ms: float = 20.0
@@ -81,10 +146,35 @@ class Settings(BaseSettings):
     commit_interval_ms: int = 1000
     shutdown_grace_s: float = 10.0
     coalesce_ms: float = 0.0
+    # perf (docs/benchmarks.md): the sink's Redis round trips (MGET flags + XADDs) are at
+    # least this many ms apart, so more chunks share one; the producer of chat.responses waits
+    # up to producer_linger_ms to batch records (chunks are not awaited: SSE does not wait)
+    sink_tick_ms: float = 5.0
+    producer_linger_ms: int = 20
+
+    @field_serializer("redis_url", "llm_base_url", when_used="json")
+    def _url_without_password(self, url: str) -> str:
+        return redact_url(url)  # SecretStr fields dump as "**********" already
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """repr/str without secrets: SecretStr fields print as `**********` already; URLs that
+        carry a password (REDIS_URL, LLM_BASE_URL) print as `redis://user:***@host`."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) and "://" in value else value
+
+    @property
+    def metrics_bind(self) -> str:
+        return self.metrics_host or self.api_host
 
     @property
     def buffer_limit(self) -> int:
         return self.max_buffered_records or 4 * self.max_concurrent_streams
+
+    @property
+    def ownership_enforced(self) -> bool:
+        if self.enforce_ownership is not None:
+            return self.enforce_ownership
+        return self.auth_mode != "none"
 
     def topic(self, base: str) -> str:
         return f"{self.topic_prefix}{base}"

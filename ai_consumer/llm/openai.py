@@ -29,7 +29,6 @@ from typing import Any
 
 import httpx
 import orjson
-from pydantic import SecretStr
 
 from ai_consumer.llm import ProviderError
 from chatpipe.errors import ChatpipeError
@@ -136,10 +135,11 @@ class OpenAIProvider:
         self.url = url
         self.model = settings.llm_model
         self.timeout_s = settings.llm_timeout_s
-        self._secret = SecretStr(settings.llm_api_key)  # masked in reprs; only for scrubbing
+        self._secret = settings.llm_api_key  # masked in reprs; only for scrubbing
+        api_key = settings.llm_api_key.get_secret_value()
         headers = {"Accept": "text/event-stream", "User-Agent": "chatpipe"}
-        if settings.llm_api_key:
-            headers["Authorization"] = f"Bearer {settings.llm_api_key}"
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         # One connection per concurrent stream: a stream holds its connection until it ends,
         # and a cancelled one closes it (never reused half-read).
         streams = max(1, settings.max_concurrent_streams)
@@ -156,7 +156,7 @@ class OpenAIProvider:
             safe_url(url),
             self.model or "chosen by the server",
             self.timeout_s,
-            "set" if settings.llm_api_key else "not set",
+            "set" if api_key else "not set",
         )
 
     def body(self, request: ChatRequest) -> dict[str, Any]:

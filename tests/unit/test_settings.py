@@ -29,7 +29,7 @@ def test_defaults_are_the_design_table(clean_env: pytest.MonkeyPatch) -> None:
     assert (s.api_host, s.api_port) == ("127.0.0.1", 8000)
     assert s.instance_id == f"{socket.gethostname()}-{os.getpid()}"
     assert s.llm_provider == "simulated"
-    assert (s.llm_base_url, s.llm_model, s.llm_api_key) == ("", "", "")
+    assert (s.llm_base_url, s.llm_model, s.llm_api_key.get_secret_value()) == ("", "", "")
     assert (s.sim_tokens, s.sim_token_delay_ms, s.sim_first_token_delay_ms) == (60, 20, 0)
     assert s.max_concurrent_streams == 256
     # §2 topics and Redis lifetimes
@@ -69,7 +69,7 @@ def test_environment_overrides_the_contract_variables(clean_env: pytest.MonkeyPa
     assert (s.api_host, s.api_port) == ("0.0.0.0", 9001)
     assert s.instance_id == "api-7"
     assert s.llm_provider == "openai"
-    assert (s.llm_base_url, s.llm_model, s.llm_api_key) == (
+    assert (s.llm_base_url, s.llm_model, s.llm_api_key.get_secret_value()) == (
         "http://vllm:8000/v1",
         "qwen",
         "sk-test",
