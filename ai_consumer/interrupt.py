@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
@@ -16,30 +15,45 @@ async def until_set(source: AsyncIterator[T], event: asyncio.Event) -> AsyncGene
     The event wins even while `source` is blocked (a model that has not produced its first
     token): the pending `__anext__` is cancelled and `source` is closed, which is where a
     provider closes its upstream HTTP stream.
+
+    The steps run in the caller's task (no Task and no `asyncio.wait` per item: this is on
+    every token): when the event is set while a step is pending, that task is cancelled, and
+    the cancellation is taken back here. A cancel of the caller from elsewhere still
+    propagates.
     """
+    task = asyncio.current_task()
+    assert task is not None
+    stepping = False
+    interrupted = False
+
+    def interrupt(_: object) -> None:
+        nonlocal interrupted
+        if stepping and not interrupted and event.is_set():
+            interrupted = True
+            task.cancel()
+
     waiter = asyncio.ensure_future(event.wait())
-    step: asyncio.Future[T] | None = None
+    waiter.add_done_callback(interrupt)
     try:
         while not event.is_set():
-            step = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if step not in done:
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
-                return
+            stepping = True
             try:
-                item = step.result()
+                item = await anext(source)
             except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if interrupted and task.uncancel() == 0:
+                    return  # the event won while the source was blocked
+                raise
+            finally:
+                stepping = False
+            if interrupted:  # the source swallowed our cancellation and went on
+                task.uncancel()
                 return
             yield item
     finally:
+        waiter.remove_done_callback(interrupt)
         waiter.cancel()
-        if step is not None and not step.done():
-            # our own task was cancelled mid-step: stop the step before closing the source
-            step.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                await step
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -58,6 +58,16 @@ def parse(argv: list[str]) -> Params:
         metavar="NAME=VALUE",
         help="extra environment for the processes under test (repeatable)",
     )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR|ENV:VAL,...",
+        help="A/B: also run chatpipe as chatpipe-NAME, from a copy of its packages in DIR "
+        "(e.g. taken before a change) and/or with settings ENV:VALUE (comma-separated; "
+        "repeatable)",
+    )
+    ap.add_argument("--rounds", type=int, help="repeat the systems' order this many times (1)")
     a = ap.parse_args(argv)
     p = Params.for_smoke() if a.smoke else Params()
     simple = {
@@ -77,6 +87,7 @@ def parse(argv: list[str]) -> Params:
         "max_concurrent_streams": a.max_concurrent_streams,
         "max_minutes": a.max_minutes,
         "out_dir": a.out,
+        "rounds": a.rounds,
     }
     for key, value in simple.items():
         if value is not None:
@@ -86,6 +97,20 @@ def parse(argv: list[str]) -> Params:
         if not sep or not name:
             ap.error(f"--env wants NAME=VALUE, got {item!r}")
         p.extra_env[name] = value
+    for item in a.variant:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            ap.error(f"--variant wants NAME=DIR or NAME=ENV:VAL,..., got {item!r}")
+        variant: dict[str, str] = {}
+        for part in value.split(","):
+            key, colon, val = part.partition(":")
+            if colon and key.isupper():
+                variant[key] = val
+            elif Path(part).is_dir():
+                variant["BENCH_TREE"] = str(Path(part).resolve())
+            else:
+                ap.error(f"--variant {name}: {part!r} is neither a folder nor ENV:VALUE")
+        p.variants[name] = variant
     if a.no_silence:
         p.silence = False
     if a.no_profile:

@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import httpx
 import orjson
 import psutil
 
 from ai_consumer.llm.simulated import simulated_tokens
+from bench.http import JSONClient
 from bench.sse import HTTPStatusError, OnEvent, open_sse
 from bench.stats import summary
 from chatpipe.schemas import ChatRequest
@@ -133,13 +133,7 @@ class Driver:
         self.hosts = [(t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in spec.targets]
         self._next = 0
         self._texts: dict[str, list[str]] = {}
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(30.0),
-            limits=httpx.Limits(
-                max_connections=2 * spec.concurrency + 16,
-                max_keepalive_connections=spec.concurrency + 16,
-            ),
-        )
+        self.http = JSONClient(timeout_s=30.0)
 
     # --- one answer ----------------------------------------------------------------------
     def _new_stream(self, slot: int, k: int) -> Stream:
@@ -225,16 +219,16 @@ class Driver:
         s.t_cancel_sent = time.time()
         try:
             r = await self.http.post(
-                f"http://{host}:{port}{path}",
-                json={"session_id": s.session_id, "message_id": s.message_id},
+                host, port, path, {"session_id": s.session_id, "message_id": s.message_id}
             )
             s.t_cancel_answer = time.time()
+            answer = r.json()
             s.cancel_answer = (
-                str(r.json().get("status", r.status_code))
-                if r.status_code in (200, 404)
+                str(answer.get("status", r.status_code))
+                if r.status_code in (200, 404) and isinstance(answer, dict)
                 else f"http {r.status_code}"
             )
-        except httpx.HTTPError as e:
+        except (OSError, ValueError) as e:
             s.t_cancel_answer = time.time()
             s.cancel_answer = "error"
             self.totals.error("cancel_request", f"{type(e).__name__}: {e}")
@@ -255,11 +249,14 @@ class Driver:
             async with asyncio.timeout(spec.stream_timeout_s):
                 if spec.mode == "chatpipe":
                     host, port = self.hosts[s.post_target]
-                    r = await self.http.post(f"http://{host}:{port}/api/chat", json=body)
+                    r = await self.http.post(host, port, "/api/chat", body)
                     if r.status_code != 202:
                         raise HTTPStatusError(r.status_code, r.content)
                     s.t_accepted = time.time()
-                    method, path, payload = "GET", r.json()["stream_url"], None
+                    accepted = r.json()
+                    if not isinstance(accepted, dict):
+                        raise HTTPStatusError(r.status_code, r.content)
+                    method, path, payload = "GET", accepted["stream_url"], None
                 else:
                     method, path, payload = "POST", "/chat", orjson.dumps(body)
                 if s.cancel_planned is not None:
@@ -278,7 +275,7 @@ class Driver:
         except HTTPStatusError as e:
             s.error = f"http_{e.status}"
             self.totals.error(s.error, f"{s.message_id}: {e}")
-        except (OSError, httpx.HTTPError) as e:
+        except OSError as e:
             s.error = "connection"
             self.totals.error("connection", f"{s.message_id}: {type(e).__name__}: {e}")
         finally:

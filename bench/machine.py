@@ -18,6 +18,7 @@ PACKAGES = [
     "httptools",
     "sse-starlette",
     "redis",
+    "hiredis",
     "aiokafka",
     "pydantic",
     "orjson",

@@ -24,7 +24,12 @@ def available() -> bool:
     return shutil.which("py-spy") is not None
 
 
-def start(pid: int, out: Path, duration_s: int, rate: int = 100) -> subprocess.Popen[bytes]:
+def start(
+    pid: int, out: Path, duration_s: int, rate: int = 100, gil: bool = False
+) -> subprocess.Popen[bytes]:
+    """`gil`: only samples where the thread holds the GIL, i.e. Python code running. Without
+    it a thread blocked in a syscall that released the GIL (a socket write that woke the
+    peer, which then took the CPU) counts too, which inflates the frames that do I/O."""
     return subprocess.Popen(
         [
             "py-spy",
@@ -38,6 +43,7 @@ def start(pid: int, out: Path, duration_s: int, rate: int = 100) -> subprocess.P
             "--format",
             "raw",
             "--nonblocking",
+            *(["--gil"] if gil else []),
             "--output",
             str(out),
         ],

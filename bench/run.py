@@ -9,6 +9,7 @@ RSS. The cancel-during-silence case restarts each system with SIM_FIRST_TOKEN_DE
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shlex
@@ -74,6 +75,11 @@ class Params:
     # extra environment for every process under test (settings such as COALESCE_MS, or a
     # PYTHONPATH for an experiment); recorded in the results
     extra_env: dict[str, str] = field(default_factory=dict)
+    # A/B: more chatpipe systems, measured as `chatpipe-<name>` right after `chatpipe` at each
+    # round; name -> extra environment: settings, and/or BENCH_TREE, a folder holding a copy of
+    # api/, ai_consumer/, chatpipe/, ... that goes before this checkout
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)
+    rounds: int = 1  # the systems' order is repeated this many times (A, B, A, B, ...)
 
     @classmethod
     def for_smoke(cls) -> Params:
@@ -117,6 +123,7 @@ class Suite:
         self.problems: list[str] = []
         self.notes: list[str] = []
         self.t_start = time.monotonic()
+        self._spec_ids = itertools.count(1)
 
     # --- set-up and tear-down ------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
@@ -177,6 +184,9 @@ class Suite:
         e = self.env(**env)
         if kind == "chatpipe":
             return start_chatpipe(self.launcher, e)
+        if kind.startswith("chatpipe-"):
+            variant = self.p.variants[kind.removeprefix("chatpipe-")]
+            return start_chatpipe(self.launcher, {**e, **variant}, name=kind)
         if kind == "limit":
             return start_limit(self.launcher, e)
         return start_seed(self.launcher, e, 10 if kind == "seed10" else 1)
@@ -195,7 +205,8 @@ class Suite:
             "cancel_fraction": p.cancel_fraction,
             "stream_timeout_s": p.stream_timeout_s,
             "seed": p.seed + n,
-            "run_id": f"{self.ns.run_id}-{name}",
+            # unique per driver run: a repeated name (--rounds) must not reuse message ids
+            "run_id": f"{self.ns.run_id}-{name}-{next(self._spec_ids)}",
         }
         values.update(over)
         return Spec(**values)
@@ -267,10 +278,11 @@ class Suite:
             pdir = self.workdir / "profiles"
             pdir.mkdir(exist_ok=True)
             for name in profile_procs:
-                raw = pdir / f"{name}.txt"
-                spies.append(
-                    (name, raw, profile.start(watched[name], raw, self.p.profile_duration_s))
-                )
+                for gil in (False, True):
+                    label = f"{name} (GIL held)" if gil else name
+                    raw = pdir / f"{name}{'-gil' if gil else ''}.txt"
+                    spy = profile.start(watched[name], raw, self.p.profile_duration_s, gil=gil)
+                    spies.append((label, raw, spy))
         print(
             f"[bench] {spec.name}: {spec.concurrency} streams for {spec.duration_s:g}s", flush=True
         )
@@ -318,10 +330,22 @@ class Suite:
         return time.monotonic() - self.t_start > self.p.max_minutes * 60
 
     # --- the scenarios -------------------------------------------------------------------
+    def kinds(self) -> list[str]:
+        """The systems in the order they run: chatpipe's variants right after it, and the
+        whole order repeated `rounds` times."""
+        once: list[str] = []
+        for kind in self.p.systems:
+            once.append(kind)
+            if kind == "chatpipe":
+                once += [f"chatpipe-{name}" for name in self.p.variants]
+        return once * max(1, self.p.rounds)
+
     def run_sweep(self) -> None:
         p = self.p
-        for kind in p.systems:
-            sizes = sorted(set(p.sweep if kind in p.sweep_systems else []) | {p.compare_n})
+        profiled = False
+        for kind in self.kinds():
+            swept = kind.split("-")[0] if kind.startswith("chatpipe") else kind
+            sizes = sorted(set(p.sweep if swept in p.sweep_systems else []) | {p.compare_n})
             if self.out_of_time():
                 self.problems.append(f"time budget spent: {kind} sweep not run")
                 continue
@@ -345,8 +369,9 @@ class Suite:
                             "larger n not run (--keep-going runs them)"
                         )
                         break
-                if kind == "chatpipe" and p.profile and profile.available():
+                if kind == "chatpipe" and p.profile and profile.available() and not profiled:
                     self.run_profile(system)
+                    profiled = True
             except BenchError as e:
                 self.problems.append(f"{kind}: {e}")
             finally:
@@ -366,7 +391,7 @@ class Suite:
 
     def run_silence(self) -> None:
         p = self.p
-        for kind in p.systems:
+        for kind in self.kinds():
             if self.out_of_time():
                 self.problems.append(f"time budget spent: {kind} silence case not run")
                 continue

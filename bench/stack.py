@@ -63,6 +63,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     port: int | None = None
+    log_start: int = 0  # where this process's lines begin (a restarted name appends)
 
     @property
     def pid(self) -> int:
@@ -96,8 +97,15 @@ class Launcher:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {**self.base_env, **extra}
+        # BENCH_TREE: a copy of the product packages that goes before this checkout (an A/B
+        # variant, see `--variant`)
+        tree = env.pop("BENCH_TREE", "")
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+            [
+                *([tree] if tree else []),
+                str(ROOT),
+                *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []),
+            ]
         )
         return env
 
@@ -105,6 +113,7 @@ class Launcher:
         self, name: str, argv: list[str], port: int | None = None, env: dict[str, str] | None = None
     ) -> Proc:
         log = self.logs / f"{name}.log"
+        start = log.stat().st_size if log.exists() else 0
         with log.open("ab") as out:
             popen = subprocess.Popen(
                 argv,
@@ -115,7 +124,7 @@ class Launcher:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        proc = Proc(name, popen, log, port)
+        proc = Proc(name, popen, log, port, start)
         self.procs.append(proc)
         return proc
 
@@ -303,7 +312,9 @@ def delete_topics(kafka: str, ns: Namespace) -> list[str]:
 def _log_lines(proc: Proc) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     try:
-        text = proc.log.read_text(errors="replace")
+        with proc.log.open("rb") as f:
+            f.seek(proc.log_start)
+            text = f.read().decode(errors="replace")
     except FileNotFoundError:
         return out
     for line in text.splitlines():
@@ -326,7 +337,11 @@ class System:
 
 
 def start_chatpipe(
-    launcher: Launcher, env: dict[str, str], apis: int = 2, consumers: int = 3
+    launcher: Launcher,
+    env: dict[str, str],
+    apis: int = 2,
+    consumers: int = 3,
+    name: str = "chatpipe",
 ) -> System:
     partitions = int(env.get("TOPIC_PARTITIONS", "12"))
     run = env["KEY_PREFIX"].rstrip(":")
@@ -388,7 +403,7 @@ def start_chatpipe(
         launcher.stop(procs)
         raise
     labels = {p.pid: p.name for p in procs}
-    return System("chatpipe", "chatpipe", procs, [p.target for p in api_procs], labels)
+    return System(name, "chatpipe", procs, [p.target for p in api_procs], labels)
 
 
 def start_limit(launcher: Launcher, env: dict[str, str]) -> System:
