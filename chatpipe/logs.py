@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -79,6 +80,37 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extra}" if extra else line
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one line per (logger, format) through every `every_s` seconds and counts the rest,
+    reporting the count on the next line let through.
+
+    For aiokafka, which logs an error per reconnect attempt and retries metadata without backoff
+    while a broker is down (~7,000 lines a second in tests/e2e/faults/test_kafka_outage.py)."""
+
+    def __init__(self, prefix: str, every_s: float = 5.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.every_s = every_s
+        self.clock = clock
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        last, dropped = self._seen.get(key, (float("-inf"), 0))
+        if now - last < self.every_s:
+            self._seen[key] = (last, dropped + 1)
+            return False
+        if len(self._seen) > 1000:  # bounded: many distinct formats are not a flood
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if dropped:
+            record.repeated = dropped  # the count since the last line of this kind
+        return True
+
+
 def setup_logging(settings: Settings, service: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     fmt = JsonFormatter if settings.log_format == "json" else TextFormatter
@@ -87,4 +119,6 @@ def setup_logging(settings: Settings, service: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    # on the handler: a logger's own filters do not see its children's records
+    handler.addFilter(RepeatFilter("aiokafka"))
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from chatpipe.logs import JsonFormatter, TextFormatter, log_context
+from chatpipe.logs import JsonFormatter, RepeatFilter, TextFormatter, log_context
 
 
 @pytest.fixture
@@ -69,3 +69,22 @@ def test_text_lines_carry_the_bound_ids() -> None:
         text = TextFormatter("inst-2", "api").format(record)
     assert "api[inst-2]" in text
     assert "'message_id': 'm-9'" in text
+
+
+def test_a_flood_of_one_aiokafka_line_is_thinned_and_counted() -> None:
+    now = [0.0]
+    thin = RepeatFilter("aiokafka", every_s=5.0, clock=lambda: now[0])
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.makeLogRecord({"name": name, "msg": msg, "levelno": logging.ERROR})
+
+    flood = 'Unable connect to "%s:%s": %s'
+    assert thin.filter(record("aiokafka.client", flood))
+    passed = [thin.filter(record("aiokafka.client", flood)) for _ in range(1000)]
+    assert not any(passed)  # the repeats within 5 s are dropped ...
+    assert thin.filter(record("aiokafka.client", "another line"))  # ... not other lines
+    assert thin.filter(record("chatpipe.worker", flood))  # ... nor other loggers
+    now[0] = 5.0
+    after = record("aiokafka.client", flood)
+    assert thin.filter(after)
+    assert after.repeated == 1000  # the next one says how many were dropped
