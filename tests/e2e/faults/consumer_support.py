@@ -170,9 +170,19 @@ async def all_committed(settings: Settings, within: float = 15.0) -> dict[int, i
 @contextlib.asynccontextmanager
 async def recorded(streams: Iterable[SSEStream]) -> AsyncIterator[list[SSEStream]]:
     """Open SSE connections concurrently and record each in the background."""
+    # Not `gather(stack.enter_async_context(...))`: when one open fails, the stack unwinds while
+    # the other opens still run, and those push their exits onto a stack already closed (their
+    # sockets leak). Every open is awaited, then each opened one is registered.
+    wanted = list(streams)
     async with contextlib.AsyncExitStack() as stack:
-        opened = await asyncio.gather(*(stack.enter_async_context(s) for s in streams))
-        yield [s.record() for s in opened]
+        results = await asyncio.gather(*(s.__aenter__() for s in wanted), return_exceptions=True)
+        for stream, result in zip(wanted, results, strict=True):
+            if not isinstance(result, BaseException):
+                stack.push_async_exit(stream.__aexit__)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        yield [s.record() for s in wanted]
 
 
 def texts_after_last_restart(events: list[SSEEvent]) -> str:
