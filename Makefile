@@ -80,10 +80,10 @@ format:  ## ruff fix + format
 typecheck:  ## mypy (strict, configured in pyproject.toml)
 	$(PYTHON) -m mypy
 
-bench: stack-up topics  ## benchmarks against the local stack (docs/benchmarks.md)
+bench: stack-up  ## benchmarks against the local stack (docs/benchmarks.md)
 	$(STACK_ENV) $(PYTHON) -m bench $(BENCH_ARGS)
 
-bench-smoke: stack-up topics  ## a short benchmark run, as CI does
+bench-smoke: stack-up  ## a short benchmark run, as CI does
 	$(STACK_ENV) $(PYTHON) -m bench --smoke $(BENCH_ARGS)
 
 clean:  ## caches and build output in the repo (not the stack: see stack-wipe)

@@ -36,6 +36,13 @@ def parse(argv: list[str]) -> Params:
     ap.add_argument("--tokens", type=int, help="tokens per answer (200)")
     ap.add_argument("--token-delay-ms", type=float, help="ms between tokens (40 = 25 tokens/s)")
     ap.add_argument("--cancel-fraction", type=float, help="share of answers cancelled (0.2)")
+    ap.add_argument(
+        "--arrivals",
+        choices=("steady", "burst"),
+        help="steady: answers spread over one answer's length, measured after it (default); "
+        "burst: all start within max(1 s, n/200 s), measured from the first",
+    )
+    ap.add_argument("--no-burst", action="store_true", help="skip the burst case at --compare-n")
     ap.add_argument("--no-silence", action="store_true", help="skip the cancel-during-silence case")
     ap.add_argument("--silence-n", type=int, help="concurrency of the silence case (100)")
     ap.add_argument("--silence-duration", type=float, help="seconds of the silence case (15)")
@@ -88,6 +95,7 @@ def parse(argv: list[str]) -> Params:
         "max_minutes": a.max_minutes,
         "out_dir": a.out,
         "rounds": a.rounds,
+        "arrivals": a.arrivals,
     }
     for key, value in simple.items():
         if value is not None:

@@ -2,7 +2,15 @@
 
 It keeps `concurrency` streams open for `duration_s` (closed loop: each slot starts its next
 answer when the previous one ends; slots start spread over `ramp_s`), through the targets
-round-robin like a load balancer without stickiness:
+round-robin like a load balancer without stickiness. What is measured (chunk latencies, TTFT,
+accept and cancel times) is what happens in the window that starts `warmup_s` after the first
+slot started and lasts `duration_s`; integrity (lost, duplicated, errors) is checked over every
+stream. With `ramp_s` = `warmup_s` = one answer's length ("steady" arrivals, the default of
+`python -m bench`), the n answers are spread evenly over their length when the window opens,
+and the closed loop keeps them spread: the window sees n streams at every phase of an answer.
+With a short ramp and no warm-up ("burst"), all n answers start, and end, together — and,
+being the same length, start together again one answer later: a thundering herd every
+`answer_s`, measured as such.
 
 - chatpipe: `POST /api/chat` on target i, `GET stream_url` on target i+1, cancel with
   `POST /api/cancel` on a target other than the one streaming;
@@ -53,6 +61,7 @@ class Spec:
     token_delay_ms: float
     first_token_delay_ms: float = 0.0
     ramp_s: float = 1.0
+    warmup_s: float = 0.0  # the measured window starts this long after the first slot
     cancel_fraction: float = 0.2
     # when to cancel, seconds after the request was sent; default: anywhere in the answer
     cancel_window_s: tuple[float, float] | None = None
@@ -104,6 +113,8 @@ class Stream:
 
 @dataclass
 class Totals:
+    chunks: int = 0  # every chunk received (CPU and Redis per chunk divide by this)
+    # the chunks received within the measured window
     latencies: array[float] = field(default_factory=lambda: array("d"))
     # chatpipe only: an SSE id is the Redis Stream entry id, whose first part is the Redis
     # server's clock (ms) at the XADD; it splits a chunk's latency in two (ms resolution)
@@ -134,6 +145,9 @@ class Driver:
         self._next = 0
         self._texts: dict[str, list[str]] = {}
         self.http = JSONClient(timeout_s=30.0)
+        # the measured window (set by run())
+        self.t_lo = 0.0
+        self.t_hi = float("inf")
 
     # --- one answer ----------------------------------------------------------------------
     def _new_stream(self, slot: int, k: int) -> Stream:
@@ -177,12 +191,14 @@ class Driver:
             if event == b"chunk":
                 d = orjson.loads(data)
                 seq = d["seq"]
-                at = _stamp(d["at"])
-                totals.latencies.append(now - at)
-                if split and ident:
-                    xadd = int(ident.partition(b"-")[0]) / 1000
-                    totals.to_redis.append(xadd - at)
-                    totals.from_redis.append(now - xadd)
+                totals.chunks += 1
+                if self.t_lo <= now <= self.t_hi:
+                    at = _stamp(d["at"])
+                    totals.latencies.append(now - at)
+                    if split and ident:
+                        xadd = int(ident.partition(b"-")[0]) / 1000
+                        totals.to_redis.append(xadd - at)
+                        totals.from_redis.append(now - xadd)
                 totals.per_second[int(now)] += 1
                 if s.t_first is None:
                     s.t_first = now
@@ -303,7 +319,8 @@ class Driver:
         proc = psutil.Process()
         cpu0 = proc.cpu_times()
         t0 = time.time() + 0.2
-        end_at = t0 + spec.duration_s
+        self.t_lo = t0 + spec.warmup_s
+        end_at = self.t_hi = self.t_lo + spec.duration_s
         n = spec.concurrency
         probe = asyncio.create_task(self.lag_probe(end_at))
         await asyncio.gather(*(self.slot(i, t0 + spec.ramp_s * i / n, end_at) for i in range(n)))
@@ -317,7 +334,10 @@ class Driver:
         return self.report(t0, t1, driver_cpu)
 
     # --- the report ----------------------------------------------------------------------
-    def report(self, t0: float, t1: float, driver_cpu: float) -> dict[str, Any]:
+    def report(self, t_start: float, t1: float, driver_cpu: float) -> dict[str, Any]:
+        """The run's numbers. Timings count what happened in the measured window
+        [`t_lo`, `t_hi`]; integrity counts every stream."""
+        t0 = self.t_lo
         spec, totals = self.spec, self.totals
         streams = totals.streams
         integrity: Counter[str] = Counter()
@@ -329,11 +349,15 @@ class Driver:
         ttft: list[float] = []
         accept: list[float] = []
         missed = 0
+        measured = 0
         for s in streams:
-            if s.t_first is not None:
-                ttft.append(s.t_first - s.t_post)
-            if s.t_accepted is not None:
-                accept.append(s.t_accepted - s.t_post)
+            in_window = self.t_lo <= s.t_post <= self.t_hi
+            if in_window:
+                measured += 1
+                if s.t_first is not None:
+                    ttft.append(s.t_first - s.t_post)
+                if s.t_accepted is not None:
+                    accept.append(s.t_accepted - s.t_post)
             if s.error:
                 outcomes["error"] += 1
                 continue
@@ -350,35 +374,39 @@ class Driver:
                 integrity["short_completed"] += 1
             if s.t_cancel_sent is None:
                 continue
-            answers[s.cancel_answer] += 1
-            if s.t_cancel_answer is not None:
-                answer_lat.append(s.t_cancel_answer - s.t_cancel_sent)
-            if s.cancel_answer == "cancelled":
-                if s.done_status == "cancelled" and s.t_done is not None:
-                    cancel_lat.append(s.t_done - s.t_cancel_sent)
-                    after_answer.append(s.after_cancel_answer)
-                else:
-                    missed += 1  # answered cancelled, yet the stream went on to another end
+            if s.cancel_answer == "cancelled" and s.done_status != "cancelled":
+                missed += 1  # answered cancelled, yet the stream went on to another end
             elif s.cancel_answer == "completed" and s.after_cancel_answer > 1:
                 # answered "already completed" while the answer went on (the seed's bug when
                 # the cancel lands before the stream registered); one chunk may be in flight
                 missed += 1
+            if not in_window:
+                continue  # its timings are outside the measured window
+            answers[s.cancel_answer] += 1
+            if s.t_cancel_answer is not None:
+                answer_lat.append(s.t_cancel_answer - s.t_cancel_sent)
+            answered = s.cancel_answer == "cancelled" and s.done_status == "cancelled"
+            if answered and s.t_done is not None:
+                cancel_lat.append(s.t_done - s.t_cancel_sent)
+                after_answer.append(s.after_cancel_answer)
         lost = integrity["gaps"] + integrity["missing_done"] + integrity["short_completed"]
         dup = integrity["duplicates"] + integrity["extra_done"] + integrity["events_after_done"]
-        steady_from = int(t0 + spec.ramp_s) + 1
-        steady_to = int(t0 + spec.duration_s)
+        steady_from = int(max(t0, t_start + spec.ramp_s)) + 1
+        steady_to = int(self.t_hi)
         window = [totals.per_second.get(sec, 0) for sec in range(steady_from, steady_to)]
         if not window:
             window = [totals.per_second.get(sec, 0) for sec in range(int(t0), int(t1) + 1)]
-        chunks = len(totals.latencies)
+        chunks = totals.chunks
         lat = summary(totals.latencies)
         return {
             "name": spec.name,
             "mode": spec.mode,
             "spec": asdict(spec),
-            "wall_s": round(t1 - t0, 3),
-            "streams": {"started": len(streams), **dict(outcomes)},
+            "wall_s": round(t1 - t_start, 3),
+            "window_s": [round(t0 - t_start, 3), round(self.t_hi - t_start, 3)],
+            "streams": {"started": len(streams), "measured": measured, **dict(outcomes)},
             "chunks": chunks,
+            "chunks_measured": len(totals.latencies),
             "chunks_per_s_sustained": round(sum(window) / len(window), 1) if window else 0.0,
             "chunks_per_s_offered": round(spec.concurrency * 1000 / spec.token_delay_ms, 1),
             "token_latency_ms": lat,

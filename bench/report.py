@@ -278,8 +278,53 @@ def sweep(report: dict[str, Any]) -> Table:
     return t
 
 
+def burst(report: dict[str, Any]) -> Table | None:
+    rows = sorted(_runs(report, "burst"), key=_sort_key)
+    if not rows:
+        return None
+    t = Table(
+        "Burst arrivals at the comparison's n: every answer starts within max(1 s, n/200 s), "
+        "so they also end and start again together, one answer later; measured from the first "
+        "start (ms)",
+        [
+            "system",
+            "n",
+            "streams",
+            "token p50",
+            "token p99",
+            "token max",
+            "TTFT p50",
+            "TTFT p99",
+            "cancel p50",
+            "cancel p99",
+            "chunks after cancel answer (max / total)",
+            "lost / dup",
+            "errors",
+        ],
+    )
+    for r in rows:
+        lat, ttft, c = r["token_latency_ms"], r["ttft_ms"], r["cancel"]
+        t.add(
+            r["system"],
+            str(r["n"]),
+            str(r["streams"]["started"]),
+            lat["p50"],
+            lat["p99"],
+            lat["max"],
+            ttft["p50"],
+            ttft["p99"],
+            c["latency_ms"]["p50"],
+            c["latency_ms"]["p99"],
+            f"{c['chunks_after_answer_max']} / {c['chunks_after_answer_total']}",
+            f"{r['integrity']['lost']} / {r['integrity']['duplicated']}",
+            str(sum(r["errors"].values())),
+        )
+    return t
+
+
 def chatpipe_split(report: dict[str, Any]) -> Table | None:
     rows = [r for r in _runs(report, "sweep") if r["system"] == "chatpipe"]
+    rows += [r for r in _runs(report, "burst") if r["system"] == "chatpipe"]
     rows += [r for r in _runs(report, "silence") if r["system"] == "chatpipe"]
     if not rows:
         return None
@@ -451,12 +496,26 @@ def all_tables(report: dict[str, Any]) -> list[Table]:
     if sil is not None:
         tables.append(sil)
     tables.append(sweep(report))
+    bursts = burst(report)
+    if bursts is not None:
+        tables.append(bursts)
     split = chatpipe_split(report)
     if split is not None:
         tables.append(split)
     tables += [capacity_table(report), targets_table(report)]
     tables += profile_tables(report)
     return tables
+
+
+def _arrivals(p: dict[str, Any]) -> str:
+    if p.get("arrivals", "burst") == "steady" and not p.get("smoke"):
+        answer = p["tokens"] * p["token_delay_ms"] / 1000
+        return (
+            f"arrivals: steady (the sweep and the comparison): the n answers start spread over "
+            f"one answer's length ({answer:g} s) and are measured for the next "
+            f"{p['duration_s']:g} s; integrity over every stream"
+        )
+    return "arrivals: burst: all n start within max(1 s, n/200 s), measured from the first start"
 
 
 def header(report: dict[str, Any]) -> list[str]:
@@ -469,6 +528,7 @@ def header(report: dict[str, Any]) -> list[str]:
         f"under test: TOKENS {p['tokens']}, token delay {p['token_delay_ms']:g} ms, "
         f"MAX_CONCURRENT_STREAMS {p['max_concurrent_streams']}, LOG_LEVEL INFO, 12 partitions"
         + (f"; extra env {p['extra_env']}" if p.get("extra_env") else ""),
+        _arrivals(p),
         f"load at start: {report['load']['start']}",
         f"load at end:   {report['load']['end']}",
         *report["notes"],

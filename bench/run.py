@@ -54,6 +54,11 @@ class Params:
     tokens: int = 200
     token_delay_ms: float = 40.0
     cancel_fraction: float = 0.2
+    # steady: the n answers start spread over one answer's length, measured after that (n
+    # streams at every phase of an answer); burst: all start within max(1 s, n/200 s) and
+    # everything is measured from the first start (a thundering herd every answer's length)
+    arrivals: str = "steady"
+    burst: bool = True  # also run each system once with burst arrivals at compare_n
     silence: bool = True
     silence_n: int = 100
     silence_duration_s: float = 15.0
@@ -94,6 +99,7 @@ class Params:
             token_delay_ms=20.0,
             cancel_fraction=0.3,
             silence=False,
+            burst=False,
             profile=False,
             stream_timeout_s=30.0,
             max_minutes=5.0,
@@ -201,7 +207,6 @@ class Suite:
             "duration_s": p.duration_s,
             "tokens": p.tokens,
             "token_delay_ms": p.token_delay_ms,
-            "ramp_s": max(1.0, n / 200),
             "cancel_fraction": p.cancel_fraction,
             "stream_timeout_s": p.stream_timeout_s,
             "seed": p.seed + n,
@@ -209,7 +214,13 @@ class Suite:
             "run_id": f"{self.ns.run_id}-{name}-{next(self._spec_ids)}",
         }
         values.update(over)
-        return Spec(**values)
+        spec = Spec(**values)
+        if "ramp_s" not in over:
+            if p.arrivals == "steady" and not p.smoke:
+                spec.ramp_s = spec.warmup_s = spec.answer_s
+            else:
+                spec.ramp_s = max(1.0, n / 200)
+        return spec
 
     def drive(self, spec: Spec, sampler: Sampler | None = None) -> dict[str, Any]:
         specs = self.workdir / "specs"
@@ -231,7 +242,7 @@ class Suite:
         )
         if sampler is not None:
             sampler.add("driver", proc.pid, cpu=False)  # it reports its own CPU
-        limit = spec.ramp_s + spec.duration_s + spec.stream_timeout_s + 60
+        limit = max(spec.ramp_s, spec.warmup_s) + spec.duration_s + spec.stream_timeout_s + 60
         try:
             code = proc.popen.wait(timeout=limit)
         except Exception:
@@ -363,6 +374,8 @@ class Suite:
                     spec = self.spec(system, f"{system.name}-n{n}", n)
                     result = self.measure(system, "sweep", spec)
                     self.runs.append(result)
+                    if n == p.compare_n and p.burst:
+                        self.run_burst(system)
                     if not p.keep_going and _saturated(result) and n != sizes[-1]:
                         self.notes.append(
                             f"{system.name}: saturated at n={n} (p99 > 2 s or > 10% errors); "
@@ -376,6 +389,15 @@ class Suite:
                 self.problems.append(f"{kind}: {e}")
             finally:
                 self.launcher.stop(system.procs)
+
+    def run_burst(self, system: System) -> None:
+        """The comparison's n, every answer starting within max(1 s, n/200 s) and measured from
+        the first start: n new conversations at once, and again one answer later."""
+        n = self.p.compare_n
+        spec = self.spec(
+            system, f"{system.name}-burst-n{n}", n, ramp_s=max(1.0, n / 200), warmup_s=0.0
+        )
+        self.runs.append(self.measure(system, "burst", spec))
 
     def run_profile(self, system: System) -> None:
         n = self.p.compare_n
@@ -410,6 +432,9 @@ class Suite:
                     first_token_delay_ms=p.silence_first_token_ms,
                     cancel_fraction=1.0,
                     cancel_window_s=p.silence_window_s,
+                    # every answer is cancelled 1-4 s in: they are short and spread anyway
+                    ramp_s=max(1.0, n / 200),
+                    warmup_s=0.0,
                 )
                 self.runs.append(self.measure(system, "silence", spec))
             except BenchError as e:

@@ -363,7 +363,8 @@ def start_chatpipe(
             f"ai_consumer-{i + 1}",
             "ai_consumer",
             None,
-            {**env, "INSTANCE_ID": f"{run}-ai-{i + 1}", "METRICS_PORT": "0"},
+            # METRICS_PORT unset: /metrics on a free port, as in production (not scraped here)
+            {**env, "INSTANCE_ID": f"{run}-ai-{i + 1}"},
         )
         cons.append(p)
         procs.append(p)
