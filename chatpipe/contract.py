@@ -37,6 +37,7 @@ from chatpipe import keys
 from chatpipe.codec import headers_for
 from chatpipe.schemas import (
     ID_PATTERN,
+    NOT_NULLABLE,
     SCHEMA_VERSION,
     ChatCancel,
     ChatCancelled,
@@ -59,7 +60,8 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 PAYLOAD_SCHEMA_FORMAT = "application/schema+json;version=draft-2020-12"
 ASYNCAPI_VERSION = "3.0.0"
 KAFKA_BINDING_VERSION = "0.5.0"
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.0.0"
+# 1.1.0: null is read as absent on input (chatpipe.schemas.InputModel); records unchanged
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.1.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"
@@ -244,6 +246,30 @@ def _merge_aliases(snake: Json, camel: Json) -> Json:
     return snake
 
 
+def _null_as_absent(schema: Json) -> Json:
+    """Input: an optional property may also be null, read as absent (Jackson writes null for an
+    unset property)."""
+    null = {"type": "null", "description": "read as absent"}
+    notes = ("title", "description", "default")
+    for obj in _objects(schema):
+        required = set(obj.get("required", []))
+        props = obj.get("properties", {})
+        for name, prop in props.items():
+            if (
+                name in required
+                or name in NOT_NULLABLE
+                or {"type": "null"} in prop.get("anyOf", [])
+            ):
+                continue
+            if "anyOf" in prop:
+                props[name] = {**prop, "anyOf": [*prop["anyOf"], null]}
+            else:
+                kept = {k: v for k, v in prop.items() if k in notes}
+                rule = {k: v for k, v in prop.items() if k not in notes}
+                props[name] = {"anyOf": [rule, null], **kept}
+    return schema
+
+
 def _without_null(prop: Json) -> Json:
     options = [o for o in prop.get("anyOf", []) if o != {"type": "null"}]
     if "anyOf" not in prop or len(options) != 1:
@@ -275,11 +301,11 @@ def json_schema(message: Message) -> Json:
     """The JSON Schema (Draft 2020-12) of one message type."""
     model = message.model
     if message.direction == "input":
-        snake = model.model_json_schema(
-            by_alias=False, mode="validation", schema_generator=_Generator
+        snake = _null_as_absent(
+            model.model_json_schema(by_alias=False, mode="validation", schema_generator=_Generator)
         )
-        camel = model.model_json_schema(
-            by_alias=True, mode="validation", schema_generator=_Generator
+        camel = _null_as_absent(
+            model.model_json_schema(by_alias=True, mode="validation", schema_generator=_Generator)
         )
         body = _merge_aliases(snake, camel)
         note = "What chatpipe accepts"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 SCHEMA_VERSION = 1
@@ -50,13 +50,31 @@ def _aware(value: Any) -> Any:
     return value
 
 
-class ChatOptions(ContractModel):
+# `type` and `schema_version` say what a record is: null there is still an error
+NOT_NULLABLE = frozenset({"type", "schema_version", "schemaVersion"})
+
+
+class InputModel(ContractModel):
+    """A record chatpipe reads. `null` in an optional field is read as absent: Jackson writes
+    `"createdAt": null` for an unset property by default, and the field then takes its default
+    (contract 1.1.0; 1.0.0 sent such a record to the DLQ). A required field that is null is
+    still missing, and a null `type` or `schema_version` is still rejected."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None or k in NOT_NULLABLE}
+        return data
+
+
+class ChatOptions(InputModel):
     max_tokens: int | None = Field(default=None, ge=1, le=100_000)
     model: str | None = Field(default=None, max_length=200)
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
-class ChatRequest(ContractModel):
+class ChatRequest(InputModel):
     """`chat.request` on chat.requests, key = session_id."""
 
     schema_version: Literal[1] = 1
@@ -71,7 +89,7 @@ class ChatRequest(ContractModel):
     _created_at_aware = field_validator("created_at", mode="before")(_aware)
 
 
-class ChatCancel(ContractModel):
+class ChatCancel(InputModel):
     """`chat.cancel` on chat.cancels, key = `{session_id}:{message_id}`; tombstoned once final."""
 
     schema_version: Literal[1] = 1

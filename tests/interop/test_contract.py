@@ -14,6 +14,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 from jsonschema import Draft7Validator, Draft202012Validator  # type: ignore[import-untyped]
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from chatpipe import contract
@@ -252,8 +253,13 @@ REQUEST_CASES: list[tuple[str, Json, bool]] = [
         False,
     ),
     (
-        "createdAt null (Jackson, unset field)",
+        "createdAt null (Jackson, unset field): read as absent (1.1.0)",
         {"messageId": "m-1", "sessionId": "s-1", "message": "hi", "createdAt": None},
+        True,
+    ),
+    (
+        "type null",
+        {"messageId": "m-1", "sessionId": "s-1", "message": "hi", "type": None},
         False,
     ),
 ]
@@ -276,6 +282,11 @@ CANCEL_CASES: list[tuple[str, Json, bool]] = [
     ),
     ("no requested_at", {"sessionId": "s-1", "messageId": "m-1"}, True),
     ("with reason", {"sessionId": "s-1", "messageId": "m-1", "reason": "user clicked stop"}, True),
+    (
+        "requestedAt null (Jackson, unset field)",
+        {"sessionId": "s-1", "messageId": "m-1", "requestedAt": None},
+        True,
+    ),
     ("no message id", {"sessionId": "s-1"}, False),
     ("reason too long", {"sessionId": "s-1", "messageId": "m-1", "reason": "x" * 501}, False),
 ]
@@ -294,15 +305,40 @@ def test_input_schema_and_model_agree(name: str, value: Json, valid: bool) -> No
     assert (errors(name, value) == []) is valid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schemas.py reads an absent created_at/requested_at as now but rejects null, and "
-    "Jackson writes null for an unset field by default: such a Spring record goes to the DLQ "
-    "(reported to the owner of chatpipe/schemas.py)",
-)
 def test_a_null_date_from_jackson_is_read_as_absent() -> None:
-    ChatRequest.model_validate(
+    """Jackson writes null for an unset property: contract 1.1.0 reads it as absent."""
+    before = utcnow()
+    req = ChatRequest.model_validate(
         {"messageId": "m-1", "sessionId": "s-1", "message": "hi", "createdAt": None}
+    )
+    assert req.created_at >= before
+    cancel = ChatCancel.model_validate(
+        {"sessionId": "s-1", "messageId": "m-1", "requestedAt": None, "reason": None}
+    )
+    assert cancel.requested_at >= before
+    assert cancel.reason is None
+    # and the schema file says so
+    for name, value in (
+        (
+            "chat.request",
+            {"messageId": "m-1", "sessionId": "s-1", "message": "hi", "createdAt": None},
+        ),
+        ("chat.cancel", {"session_id": "s-1", "message_id": "m-1", "requested_at": None}),
+    ):
+        assert errors(name, value) == []
+
+
+def test_a_null_required_field_is_still_missing() -> None:
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate({"messageId": None, "sessionId": "s-1", "message": "hi"})
+    assert errors("chat.request", {"message_id": None, "session_id": "s-1", "message": "hi"})
+    # what a record is stays strict
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate(
+            {"message_id": "m", "session_id": "s", "message": "hi", "type": None}
+        )
+    assert errors(
+        "chat.request", {"message_id": "m", "session_id": "s", "message": "hi", "type": None}
     )
 
 
@@ -341,7 +377,7 @@ def test_asyncapi_structure() -> None:
     keys, headers and payload files, examples valid against their schemas."""
     doc = committed(contract.ASYNCAPI_FILE)
     assert doc["asyncapi"] == "3.0.0"
-    assert doc["info"]["version"] == "1.0.0"
+    assert doc["info"]["version"] == "1.1.0"
     assert doc["info"]["title"] == "chatpipe"
     assert doc["defaultContentType"] == "application/json"
     addresses = {c["address"]: c for c in doc["channels"].values()}

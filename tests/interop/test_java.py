@@ -308,3 +308,30 @@ async def test_a_poison_record_on_responses_is_reported_not_fatal(
     assert "error" in lines[0]
     assert lines[0]["offset"] == 0
     assert lines[1]["event"]["messageId"] == "m-after"
+
+
+async def test_a_spring_request_with_an_unset_date_is_answered(
+    java: Java, topics: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    """Jackson writes `"createdAt": null` for an unset Instant (no NON_NULL): contract 1.1.0
+    reads it as absent, so the request is answered instead of dead-lettered."""
+    settings = topics
+    session_id, message_id = "s-spring-null", "m-java-null-date"
+    async with chatpipe_stack(settings, tmp_path, sim_tokens=3, sim_token_delay_ms=5) as stack:
+        await asyncio.to_thread(
+            java.produce, "request", session_id, message_id, "--text", "hi", "--null-created-at"
+        )
+        async with (
+            httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
+            http.stream("GET", f"/api/chat/{message_id}/stream") as sse,
+        ):
+            browser = [e async for e in sse_events(sse)]
+    written = [
+        json.loads(r.value)
+        for r in await read_topic(settings, settings.requests_topic)
+        if r.key == session_id.encode() and r.value is not None
+    ]
+    assert [w["createdAt"] for w in written] == [None]  # what Jackson wrote
+    assert [e.event for e in browser] == ["chunk"] * 3 + ["done"]
+    assert browser[-1].data["status"] == "completed"
+    assert await read_topic(settings, settings.dlq_topic) == []
