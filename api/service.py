@@ -176,6 +176,10 @@ class ChatService:
             self.metrics.forbidden.labels("api_cancel").inc()
             log.warning("cancel refused: message of another user", extra=ids)
             raise Forbidden(FORBIDDEN_MESSAGE)
+        if answer == "repeated":
+            # accepted before (or already cancelled): same answer, nothing published again
+            log.info("cancel repeated", extra=ids)
+            return "cancelled"
         if answer != "cancelled":
             log.info("cancel answered %s", answer, extra=ids)
             return answer

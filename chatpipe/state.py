@@ -24,7 +24,7 @@ from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 
 FINAL_STATES = frozenset({"completed", "cancelled", "failed"})
-CancelAnswer = Literal["cancelled", "completed", "failed", "not_found", "forbidden"]
+CancelAnswer = Literal["cancelled", "repeated", "completed", "failed", "not_found", "forbidden"]
 
 # ---------------------------------------------------------------------------------------
 # Ownership (ARGV enforce = '1'): a message id another user sent, or a session whose owner
@@ -60,15 +60,21 @@ return 'queued'
 """
 
 # The api's cancel. KEYS msg cancel ; ARGV session ttl queued_ttl enforce user -> answer
+# 'repeated': the message is cancelled already, or an earlier cancel of it was accepted (its
+# flag is set again); the api publishes nothing again: a second record on chat.cancels could
+# land after the tombstone and stay in the compacted topic)
 CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'not_found' end
 if redis.call('HGET', KEYS[1], 'session') ~= ARGV[1] then return 'not_found' end
 if ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'user') ~= ARGV[5] then return 'forbidden' end
-if state == 'completed' or state == 'failed' or state == 'cancelled' then return state end
+if state == 'cancelled' then return 'repeated' end
+if state == 'completed' or state == 'failed' then return state end
+local asked = redis.call('HGET', KEYS[1], 'cancel_requested') == '1'
 local ttl = ARGV[2]
 if state == 'queued' then ttl = ARGV[3] end
 redis.call('SET', KEYS[2], '1', 'EX', ttl)
+if asked then return 'repeated' end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 return 'cancelled'
 """
@@ -262,7 +268,14 @@ class State:
             user_id or "",
         ]
         answer = _s(await self._cancel(keys=keys, args=args))
-        assert answer in ("cancelled", "completed", "failed", "not_found", "forbidden"), answer
+        assert answer in (
+            "cancelled",
+            "repeated",
+            "completed",
+            "failed",
+            "not_found",
+            "forbidden",
+        ), answer
         return cast(CancelAnswer, answer)
 
     async def message(self, message_id: str) -> dict[str, str]:

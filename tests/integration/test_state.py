@@ -96,7 +96,9 @@ async def test_cancel_of_a_queued_message_flags_it_for_the_long_ttl(
     assert await redis.get(keys.cancel("s-1", "m-1")) == b"1"
     assert 7100 < await redis.ttl(keys.cancel("s-1", "m-1")) <= 7200
     assert await state.check_cancel_flag("s-1", "m-1")
-    assert await state.cancel("s-1", "m-1") == "cancelled"  # every repeated click
+    # every repeated click: flagged again, nothing to publish again
+    assert await state.cancel("s-1", "m-1") == "repeated"
+    assert 7100 < await redis.ttl(keys.cancel("s-1", "m-1")) <= 7200
 
 
 async def test_cancel_of_a_streaming_message_flags_it_for_the_short_ttl(
@@ -224,6 +226,27 @@ async def test_finish_is_exactly_once(state: State, redis: Redis, keys: Keys) ->
     assert 1700 < await redis.ttl(keys.stream("m-1")) <= 1800
 
 
+async def test_finish_failed_after_a_handler_crash_ends_the_message_after_its_last_chunk(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    # what Handler.fail asks for when a handler crashed after chunks 1 and 2
+    # (tests/unit/test_handler_crash.py): `failed`, `internal error (<Type>)`, the next seq
+    await streaming(state)
+    await append(state, "m-1", range(1, 3))
+    done = await state.finish("m-1", "s-1", A, "failed", "internal error (KeyError)", 3, NOW)
+    assert (done.state, done.reason, done.already) == ("failed", "internal error (KeyError)", False)
+    msg = await state.message("m-1")
+    assert (msg["state"], msg["reason"], msg["finished"]) == (
+        "failed",
+        "internal error (KeyError)",
+        NOW,
+    )
+    assert await events(state, "m-1") == [("chunk", 1), ("chunk", 2), ("done", 3)]
+    fields = (await xrange(redis, keys.stream("m-1")))[-1][1]
+    assert orjson.loads(fields[b"d"]) == {"status": "failed", "reason": "internal error (KeyError)"}
+    assert not await redis.exists(keys.lease("m-1"))
+
+
 async def test_finish_completed_while_the_flag_is_set_ends_cancelled(
     state: State, redis: Redis, keys: Keys
 ) -> None:
@@ -336,3 +359,13 @@ async def test_refresh_retakes_a_vanished_lease_and_reports_one_held_by_another(
     assert await redis.get(keys.lease("m-2")) == B.encode()  # not stolen back
     assert await redis.get(keys.lease("m-3")) == A.encode()
     assert await state.refresh_leases([], A) == []
+
+
+async def test_cancel_of_a_cancelled_message_is_a_repeat(state: State) -> None:
+    """A click after the message ended cancelled: the same answer for the user, and the api
+    publishes nothing (a cancel record after the tombstone would stay in chat.cancels)."""
+    await streaming(state)
+    assert await state.cancel("s-1", "m-1") == "cancelled"
+    await state.finish("m-1", "s-1", A, "cancelled", "cancelled by user", 3, NOW)
+    assert await state.cancel("s-1", "m-1") == "repeated"
+    assert await state.cancel("s-2", "m-1") == "not_found"  # still its own session only
