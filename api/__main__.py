@@ -8,6 +8,7 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import AuthConfigError
+from chatpipe.gcwatch import freeze_startup
 from chatpipe.logs import setup_logging
 from chatpipe.settings import Settings
 
@@ -20,6 +21,7 @@ def main() -> None:
     except AuthConfigError as e:  # a setting that cannot work: one clear line, exit 2
         print(f"api: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    freeze_startup(settings.gc_freeze)  # what imports and create_app left: out of the GC's way
     uvicorn.run(
         app,
         host=settings.api_host,

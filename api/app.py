@@ -21,6 +21,7 @@ from api.service import ChatService, Conflict, NotFound, TooLarge
 from api.stalled import App
 from chatpipe.clients import ProducerHandle, make_producer, make_redis
 from chatpipe.errors import ChatpipeError, Unavailable
+from chatpipe.gcwatch import GCWatch
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
 from chatpipe.settings import Settings
@@ -97,9 +98,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info(
             "api %s listening on %s:%d", settings.instance_id, settings.api_host, settings.api_port
         )
+        gc_watch = GCWatch(metrics).install()
         try:
             yield
         finally:
+            gc_watch.uninstall()
             await streams.stop()
             await hub.stop()
             for closer in (producer.stop, reader.aclose, redis.aclose):

@@ -10,6 +10,7 @@ import signal
 from cancel_listener.listener import CancelListener
 from chatpipe.clients import make_consumer, make_producer, make_redis, verify_redis
 from chatpipe.entry import run_service
+from chatpipe.gcwatch import GCWatch, freeze_startup
 from chatpipe.logs import setup_logging
 from chatpipe.metrics import Metrics, serve_metrics
 from chatpipe.settings import Settings
@@ -35,7 +36,11 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, listener.request_stop)
         log.info("cancel_listener %s reading %s", settings.instance_id, settings.cancels_topic)
-        await listener.run()
+        gc_watch = GCWatch(metrics).install()
+        try:
+            await listener.run()
+        finally:
+            gc_watch.uninstall()
     finally:
         for closer in (consumer.stop, producer.stop, redis.aclose):
             with contextlib.suppress(Exception):
@@ -47,6 +52,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     settings = Settings()
     setup_logging(settings, "cancel_listener")
+    freeze_startup(settings.gc_freeze)  # what imports left: out of the GC's way
     run_service(serve(settings), "cancel_listener")
 
 

@@ -117,6 +117,14 @@ class Metrics:
             "Local streams interrupted by a cancel record",
             registry=r,
         )
+        # every process
+        self.gc_pause = Histogram(
+            "chatpipe_gc_pause_seconds",
+            "Pauses of the cyclic garbage collector (the whole process waits), by generation",
+            ["generation"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
 
 
 @dataclass

@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     # up to producer_linger_ms to batch records (chunks are not awaited: SSE does not wait)
     sink_tick_ms: float = 5.0
     producer_linger_ms: int = 20
+    # move what start-up allocated out of the garbage collector's reach (chatpipe/gcwatch.py)
+    gc_freeze: bool = True
 
     @field_serializer("redis_url", "llm_base_url", when_used="json")
     def _url_without_password(self, url: str) -> str:
