@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -20,9 +21,14 @@ from redis.exceptions import RedisError
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
 
-KeyT = bytes | str | memoryview
-StreamIdT = int | bytes | str | memoryview
-XReadResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
+# XREAD's reply as the wire gives it (no redis-py response callback): per stream key, its
+# entries as [id, [field, value, field, value, ...]]. A dict over RESP3 (redis-py's default
+# protocol), a list of [key, entries] pairs over RESP2 (`?protocol=2` in REDIS_URL).
+RawEntries = list[list[Any]]
+RawReply = dict[bytes, RawEntries] | list[list[Any]] | None
+
+XREAD_COUNT = b"1000"
+XREAD_BLOCK_MS = b"10000"
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,36 @@ def parse_id(value: str | bytes) -> StreamId:
 
 def format_id(sid: StreamId) -> str:
     return f"{sid[0]}-{sid[1]}"
+
+
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
+
+
+def reply_streams(reply: RawReply) -> Iterable[tuple[bytes, RawEntries]]:
+    """(stream key, raw entries) of an XREAD reply, whichever protocol it came over."""
+    if not reply:
+        return ()
+    if isinstance(reply, dict):
+        return reply.items()
+    return cast(list[tuple[bytes, RawEntries]], reply)
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def entries_of(raw: RawEntries) -> list[Entry]:
+    """The hub's entries from a stream's raw entries: each id decoded once, fields a dict.
+    Every entry chatpipe writes has three fields (e, s, d: chatpipe/state.py); a dict display
+    builds their dict in half the time of `dict(zip(...))`; any other count takes that."""
+    return [
+        (
+            i.decode(),
+            {f[0]: f[1], f[2]: f[3], f[4]: f[5]} if len(f) == 6 else _pairs(f),
+        )
+        for i, f in raw
+    ]
 
 
 @dataclass(eq=False)
@@ -61,6 +97,10 @@ class Hub:
         read_interval_s: float = 0.0,
     ) -> None:
         self.reader = reader  # its own connection: it blocks in XREAD
+        # the hub reads XREAD's reply as it comes off the wire (it is this client's only
+        # command): redis-py's callback would turn a RESP3 reply into the RESP2 shape, and every
+        # entry's fields into a dict, in Python, for every entry (docs/benchmarks.md)
+        reader.set_response_callback("XREAD", _raw_reply)
         # reads start at least this far apart: a busy hub gets more entries per XREAD
         self.read_interval_s = read_interval_s
         self.writer = writer
@@ -69,7 +109,11 @@ class Hub:
         self.queue_size = queue_size
         self.wake_key = keys.wakeup(instance_id)
         self._wake_id = "0-0"
-        self._cursors: dict[str, StreamId] = {}
+        # per watched message: the id the next read starts after, as Redis writes it
+        # (`format_id` of a StreamId), and the key of its stream
+        self._cursors: dict[str, str] = {}
+        self._stream_keys: dict[str, str] = {}
+        self._key_prefix_len = len(keys.stream(""))
         self._subs: dict[str, set[Subscription]] = {}
         self._changed = asyncio.Event()
         self._wake_pending = False
@@ -98,15 +142,16 @@ class Hub:
         cursor = self._cursors.get(message_id)
         self._subs.setdefault(message_id, set()).add(sub)
         if cursor is None:
-            self._cursors[message_id] = after
+            self._cursors[message_id] = format_id(after)
+            self._stream_keys[message_id] = self.keys.stream(message_id)
             await self._wake()
-        elif cursor > after:
+        elif parse_id(cursor) > after:
             # the hub is ahead of this client: fetch (after, cursor] ourselves; the hub
             # delivers everything after cursor to our queue from now on
             raw = cast(
                 list[tuple[bytes, dict[bytes, bytes]]],
                 await self.writer.xrange(
-                    self.keys.stream(message_id), min="(" + format_id(after), max=format_id(cursor)
+                    self.keys.stream(message_id), min="(" + format_id(after), max=cursor
                 ),
             )
             sub.backlog = [(i.decode(), f) for i, f in raw]
@@ -120,6 +165,7 @@ class Hub:
         if not subs:
             del self._subs[sub.message_id]
             del self._cursors[sub.message_id]
+            del self._stream_keys[sub.message_id]
 
     async def _wake(self) -> None:
         self._changed.set()
@@ -147,14 +193,9 @@ class Hub:
             last_read = loop.time()
             self._changed.clear()
             self._wake_pending = False
-            streams: dict[KeyT, StreamIdT] = {self.wake_key: self._wake_id}
             read_from = dict(self._cursors)  # what this read asks for, per message
-            for message_id, cursor in read_from.items():
-                streams[self.keys.stream(message_id)] = format_id(cursor)
             try:
-                response = cast(
-                    XReadResponse, await self.reader.xread(streams, count=1000, block=10_000)
-                )
+                reply = cast(RawReply, await self._xread(read_from))
                 self.healthy = True
                 backoff = 0.1
             except asyncio.CancelledError:
@@ -167,30 +208,51 @@ class Hub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            for key, entries in response or ():
-                name = key.decode()
-                if name == self.wake_key:
-                    self._wake_id = entries[-1][0].decode()
-                    continue
-                message_id = name[len(self.keys.stream("")) :]
-                self._deliver(message_id, read_from.get(message_id), entries)
+            self._dispatch(reply, read_from)
 
-    def _deliver(
-        self,
-        message_id: str,
-        read_from: StreamId | None,
-        entries: list[tuple[bytes, dict[bytes, bytes]]],
-    ) -> None:
-        if self._cursors.get(message_id) != read_from:
-            # every client left while we read (None), or the last one left and a new one came
-            # (a page reload) with its own cursor: these entries start at the old cursor, not
-            # at the new one; the next read fetches from the new cursor
-            return
-        self._cursors[message_id] = parse_id(entries[-1][0])
+    def _xread(self, read_from: dict[str, str]) -> Awaitable[Any]:
+        """XREAD BLOCK of the wake-up stream and of every stream in `read_from` (message id →
+        cursor), the raw reply. The command is built here, not by `Redis.xread`: it names
+        every watched stream on every read."""
+        keys = self._stream_keys
+        args: list[str | bytes] = [
+            "XREAD",
+            b"COUNT",
+            XREAD_COUNT,
+            b"BLOCK",
+            XREAD_BLOCK_MS,
+            b"STREAMS",
+            self.wake_key,
+        ]
+        args.extend(map(keys.__getitem__, read_from))
+        args.append(self._wake_id)
+        args.extend(read_from.values())
+        return self.reader.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, reply: RawReply, read_from: dict[str, str]) -> None:
+        wake_key = self.wake_key
+        skip = self._key_prefix_len
+        for key, raw in reply_streams(reply):
+            if not raw:
+                continue
+            name = key.decode()
+            if name == wake_key:
+                self._wake_id = raw[-1][0].decode()
+                continue
+            message_id = name[skip:]
+            if self._cursors.get(message_id) != read_from.get(message_id):
+                # every client left while we read (None), or the last one left and a new one
+                # came (a page reload) with its own cursor: these entries start at the old
+                # cursor, not at the new one; the next read fetches from the new cursor
+                continue
+            self._deliver(message_id, entries_of(raw))
+
+    def _deliver(self, message_id: str, entries: list[Entry]) -> None:
+        self._cursors[message_id] = entries[-1][0]
         for sub in list(self._subs.get(message_id, ())):
-            for raw_id, fields in entries:
+            for entry in entries:
                 try:
-                    sub.queue.put_nowait((raw_id.decode(), fields))
+                    sub.queue.put_nowait(entry)
                 except asyncio.QueueFull:
                     sub.overflowed = True
                     self.metrics.sse_dropped.inc()

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import orjson
 
 from api.auth import Forbidden, Principal
-from api.hub import Hub, format_id, parse_id
+from api.hub import Hub, parse_id
 from api.limits import RateLimiter, Slot, StreamLimits
 from chatpipe.clients import ProducerHandle
 from chatpipe.codec import headers_for
@@ -328,7 +328,7 @@ class ChatService:
                     counter.inc()
                     out.append(
                         b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n"
-                        % (format_id(sid).encode(), event.encode(), fields.get(b"d", b"{}"))
+                        % (entry_id.encode(), event.encode(), fields.get(b"d", b"{}"))
                     )
                     if event == "done":
                         ended = True

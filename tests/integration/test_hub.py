@@ -1,8 +1,11 @@
 """The SSE Hub (api/hub.py) on a real Redis: one XREAD task fanning out to many subscribers.
 
 The hub's reader is built as api/app.py builds it (`make_redis(settings, max_connections=2)`).
-`Reads` wraps its `xread` to report each read the hub issues and how it ended, so a test can
-wait for "the hub is blocked in a read naming stream X" instead of sleeping."""
+`Reads` wraps its `execute_command` to report each XREAD the hub issues and how it ended, so a
+test can wait for "the hub is blocked in a read naming stream X" instead of sleeping. The hub
+parses XREAD's reply as it comes off the wire, which differs between RESP3 (redis-py's default)
+and RESP2 (`?protocol=2` in REDIS_URL): the `protocol` fixture runs the parsing tests over
+both."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import pytest
 from redis.asyncio import Redis
 
 from api.hub import Entry, Hub, StreamId, Subscription, parse_id
@@ -26,6 +30,7 @@ TIMEOUT = 5
 @dataclass
 class Read:
     streams: set[str]
+    cursors: dict[str, str] = field(default_factory=dict)  # stream key -> id it reads after
     ended: asyncio.Future[BaseException | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -39,20 +44,26 @@ class Reads:
         self.writer = writer
         self.name = name
         reader.connection_pool.connection_kwargs["client_name"] = name
-        real = reader.xread
+        real = reader.execute_command
 
-        async def xread(streams: dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
-            read = Read({k if isinstance(k, str) else k.decode() for k in streams})
+        async def execute_command(*args: Any, **kwargs: Any) -> Any:
+            if str(args[0]).upper() != "XREAD":
+                return await real(*args, **kwargs)
+            words = [(a.encode() if isinstance(a, str) else a).upper() for a in args]
+            named = args[words.index(b"STREAMS") + 1 :]
+            names = [k if isinstance(k, str) else k.decode() for k in named]
+            keys, ids = names[: len(names) // 2], names[len(names) // 2 :]
+            read = Read(set(keys), dict(zip(keys, ids, strict=True)))
             self.issued.put_nowait(read)
             try:
-                result = await real(streams, *args, **kwargs)
+                result = await real(*args, **kwargs)
             except BaseException as e:
                 read.ended.set_result(e)
                 raise
             read.ended.set_result(None)
             return result
 
-        reader.xread = xread  # type: ignore[method-assign]
+        reader.execute_command = execute_command  # type: ignore[method-assign]
 
     async def blocked(self) -> None:
         """Until Redis shows the hub's connection blocked in XREAD (one CLIENT LIST per round
@@ -81,6 +92,19 @@ class Reads:
                 read = await self.issued.get()
                 if (stream_key in read.streams) == present:
                     return read
+
+
+@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
+def protocol(request: pytest.FixtureRequest) -> int:
+    return cast(int, request.param)
+
+
+def with_protocol(settings: Settings, protocol: int) -> Settings:
+    """The settings with REDIS_URL asking for this protocol (3 is also redis-py's default)."""
+    url = settings.redis_url
+    return settings.model_copy(
+        update={"redis_url": f"{url}{'&' if '?' in url else '?'}protocol={protocol}"}
+    )
 
 
 def new_hub(settings: Settings, redis: Redis, queue_size: int) -> tuple[Hub, Reads, Metrics]:
@@ -332,3 +356,75 @@ async def test_a_client_joining_just_after_the_last_one_left_gets_the_whole_stre
         second = await joining
         ids.append(await add(redis, keys, "m-1", 2, "done"))
         assert after(await until_done(second), (0, 0)) == ids
+
+
+async def test_one_read_of_several_streams_and_the_wakeup_stream_delivers_each_entry_whole(
+    settings: Settings, redis: Redis, protocol: int
+) -> None:
+    """One XREAD, its reply parsed over RESP2 and RESP3: ids with a sequence above 0, several
+    streams, the wake-up stream, every field of each entry; then the next read starts after
+    the last id of each stream."""
+    keys = Keys.from_settings(settings)
+    hub, reads, _ = new_hub(with_protocol(settings, protocol), redis, 100)  # not started
+    try:
+        fields = {b"e": b"chunk", b"s": b"1", b"d": b'{"text": "h\xc3\xa9"}'}
+        await redis.xadd(keys.stream("m-a"), fields, id="5-1")
+        await redis.xadd(keys.stream("m-a"), {b"e": b"done", b"s": b"2", b"d": b"{}"}, id="5-2")
+        await redis.xadd(keys.stream("m-b"), fields, id="7-0")
+        a = await hub.subscribe("m-a", (0, 0))
+        b = await hub.subscribe("m-b", (0, 0))
+        c = await hub.subscribe("m-c", (0, 0))  # nothing in it yet
+        read_from = dict(hub._cursors)
+        reply = await hub._xread(read_from)
+        assert isinstance(reply, dict if protocol == 3 else list)  # both shapes are covered
+        hub._dispatch(reply, read_from)
+        assert [a.queue.get_nowait() for _ in range(2)] == [
+            ("5-1", fields),
+            ("5-2", {b"e": b"done", b"s": b"2", b"d": b"{}"}),
+        ]
+        assert b.queue.get_nowait() == ("7-0", fields)
+        for sub in (a, b, c):
+            assert sub.queue.empty()
+        woken = await redis.xrevrange(hub.wake_key, count=1)
+        assert hub._wake_id == woken[0][0].decode()  # the next read waits for a newer wake-up
+
+        await redis.xadd(keys.stream("m-a"), fields, id="5-10")
+        await redis.xadd(keys.stream("m-c"), fields, id="9-3")
+        read_from = dict(hub._cursors)
+        hub._dispatch(await hub._xread(read_from), read_from)
+        read, again = reads.issued.get_nowait(), reads.issued.get_nowait()
+        assert read.cursors == {
+            hub.wake_key: "0-0",
+            keys.stream("m-a"): "0-0",
+            keys.stream("m-b"): "0-0",
+            keys.stream("m-c"): "0-0",
+        }
+        assert again.cursors == {
+            hub.wake_key: hub._wake_id,
+            keys.stream("m-a"): "5-2",
+            keys.stream("m-b"): "7-0",
+            keys.stream("m-c"): "0-0",
+        }
+        assert a.queue.get_nowait() == ("5-10", fields)
+        assert c.queue.get_nowait() == ("9-3", fields)
+        assert b.queue.empty()
+    finally:
+        await close_hub(hub)
+
+
+async def test_a_running_hub_streams_every_entry_over_either_protocol(
+    settings: Settings, redis: Redis, protocol: int
+) -> None:
+    keys = Keys.from_settings(settings)
+    async with running_hub(with_protocol(settings, protocol), redis) as (hub, reads, _):
+        early = await hub.subscribe("m-1", (0, 0))
+        ids = [await add(redis, keys, "m-1", n) for n in range(3)]
+        await take(early, 3)
+        await reads.blocked()
+        # a client resuming at the 2nd entry, behind the hub: its gap comes as its backlog
+        resumed = await hub.subscribe("m-1", parse_id(ids[1]))
+        assert [i for i, _ in resumed.backlog] == ids[2:]
+        ids.append(await add(redis, keys, "m-1", 3, "done"))
+        assert after(await until_done(resumed), parse_id(ids[1])) == ids[2:]
+        assert [i for i, _ in await until_done(early)] == ids[3:]
+        assert hub.healthy
