@@ -70,15 +70,10 @@ def _sort_key(r: dict[str, Any]) -> tuple[int, int]:
     return sys_i, r["n"]
 
 
-def comparison(report: dict[str, Any]) -> list[Table]:
-    n = report["params"]["compare_n"]
-    rows = [r for r in _runs(report, "sweep") if r["n"] == n]
-    rows.sort(key=_sort_key)
-    p = report["params"]
+def _streams_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    """One row per run: streams, latencies, cancels, integrity, Redis and CPU per chunk."""
     t = Table(
-        f"Comparison at {n} concurrent streams, {1000 / p['token_delay_ms']:g} tokens/s, "
-        f"{p['tokens']} tokens, {p['cancel_fraction']:.0%} cancelled "
-        "(latencies in ms; medians are the p50 columns)",
+        title,
         [
             "system",
             "streams",
@@ -122,6 +117,20 @@ def comparison(report: dict[str, Any]) -> list[Table]:
             r["redis"]["cpu_ms_per_1000_chunks"],
             r["cpu_ms_per_1000_chunks"],
         )
+    return t
+
+
+def comparison(report: dict[str, Any]) -> list[Table]:
+    n = report["params"]["compare_n"]
+    rows = [r for r in _runs(report, "sweep") if r["n"] == n]
+    rows.sort(key=_sort_key)
+    p = report["params"]
+    t = _streams_table(
+        f"Comparison at {n} concurrent streams, {1000 / p['token_delay_ms']:g} tokens/s, "
+        f"{p['tokens']} tokens, {p['cancel_fraction']:.0%} cancelled "
+        "(latencies in ms; medians are the p50 columns)",
+        rows,
+    )
     tables = [t]
     cp = next((r for r in rows if r["system"] == "chatpipe"), None)
     if cp is not None:
@@ -282,44 +291,12 @@ def burst(report: dict[str, Any]) -> Table | None:
     rows = sorted(_runs(report, "burst"), key=_sort_key)
     if not rows:
         return None
-    t = Table(
-        "Burst arrivals at the comparison's n: every answer starts within max(1 s, n/200 s), "
-        "so they also end and start again together, one answer later; measured from the first "
+    return _streams_table(
+        f"Burst arrivals at n={rows[0]['n']}: every answer starts within max(1 s, n/200 s), so "
+        "they also end and start again together, one answer later; measured from the first "
         "start (ms)",
-        [
-            "system",
-            "n",
-            "streams",
-            "token p50",
-            "token p99",
-            "token max",
-            "TTFT p50",
-            "TTFT p99",
-            "cancel p50",
-            "cancel p99",
-            "chunks after cancel answer (max / total)",
-            "lost / dup",
-            "errors",
-        ],
+        rows,
     )
-    for r in rows:
-        lat, ttft, c = r["token_latency_ms"], r["ttft_ms"], r["cancel"]
-        t.add(
-            r["system"],
-            str(r["n"]),
-            str(r["streams"]["started"]),
-            lat["p50"],
-            lat["p99"],
-            lat["max"],
-            ttft["p50"],
-            ttft["p99"],
-            c["latency_ms"]["p50"],
-            c["latency_ms"]["p99"],
-            f"{c['chunks_after_answer_max']} / {c['chunks_after_answer_total']}",
-            f"{r['integrity']['lost']} / {r['integrity']['duplicated']}",
-            str(sum(r["errors"].values())),
-        )
-    return t
 
 
 def chatpipe_split(report: dict[str, Any]) -> Table | None:
