@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sse_starlette import EventSourceResponse
-from sse_starlette.sse import SendTimeoutError
 
 from api.auth import Caller, StreamCaller
 from api.limits import Slot
 from api.service import CANCEL_MESSAGES, ChatService
+from api.sse import SSEResponse
 from chatpipe.schemas import CancelBody, CancelResult, ChatAccepted, ChatBody
 
 router = APIRouter()
@@ -39,39 +37,15 @@ def _service(request: Request) -> ChatService:
     return service
 
 
-class _HeldEventSource(EventSourceResponse):
-    """An SSE response that frees its stream slot however it ends (also for HEAD, or a
-    client gone before the first event, when the event iterator never starts)."""
-
-    def __init__(self, events: Any, slot: Slot, **kwargs: Any) -> None:
-        super().__init__(events, **kwargs)
-        self.slot = slot
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.slot.release()
-
-    async def _send_with_timeout(self, send: Any, message: Any) -> None:
-        """As sse-starlette's (SendTimeoutError after `send_timeout`), with an asyncio timeout
-        instead of an anyio cancel scope: this runs for every event, and the scope's
-        bookkeeping was ~12% of the api's CPU at 200 streams (docs/benchmarks.md)."""
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await send(message)
-        except TimeoutError:
-            raise SendTimeoutError() from None
-
-
-def _sse(request: Request, events: Any, slot: Slot, **headers: str) -> EventSourceResponse:
+def _sse(request: Request, events: Any, slot: Slot, **headers: str) -> SSEResponse:
+    """The SSE response of a stream (api/sse.py); it releases `slot` however it ends."""
     s = request.app.state.settings
-    return _HeldEventSource(
+    return SSEResponse(
         events,
-        slot,
-        ping=s.sse_heartbeat_s,
-        send_timeout=s.sse_send_timeout_s,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+        slot.release,
+        heartbeat_s=s.sse_heartbeat_s,
+        send_timeout_s=s.sse_send_timeout_s,
+        headers=headers,
     )
 
 
@@ -114,14 +88,14 @@ async def post_chat(body: ChatBody, request: Request, caller: Caller) -> ChatAcc
     "/api/chat/{message_id}/stream",
     tags=["chat"],
     responses={**NOT_FOUND_DOC, **AUTH_DOC, **LIMIT_DOC},
-    response_class=EventSourceResponse,
+    response_class=SSEResponse,
 )
 async def get_stream(
     message_id: str,
     request: Request,
     caller: StreamCaller,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse:
+) -> SSEResponse:
     """The answer as Server-Sent Events: `chunk` {seq, delta}, then one `done` {status, reason?}.
     With AUTH_MODE on: the `token` of `stream_url`, or the bearer header."""
     events, slot = await _service(request).open_stream(message_id, last_event_id, caller)
@@ -131,7 +105,7 @@ async def get_stream(
 @router.post(
     "/api/chat/stream",
     tags=["chat"],
-    response_class=EventSourceResponse,
+    response_class=SSEResponse,
     responses={
         **AUTH_DOC,
         **BODY_DOC,
@@ -140,7 +114,7 @@ async def get_stream(
         **LIMIT_DOC,
     },
 )
-async def post_chat_stream(body: ChatBody, request: Request, caller: Caller) -> EventSourceResponse:
+async def post_chat_stream(body: ChatBody, request: Request, caller: Caller) -> SSEResponse:
     """Queue a chat message and answer with its SSE stream directly."""
     service = _service(request)
     slot = await service.take_slot(caller)  # a stream limit refuses before anything is queued

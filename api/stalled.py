@@ -1,14 +1,17 @@
 """Dropping the connection of a client that stopped reading (SSE_SEND_TIMEOUT_S).
 
-sse_starlette bounds every send of an SSE response by `send_timeout` and raises
-`SendTimeoutError` when a client has not taken its bytes for that long (its TCP window is
-closed: the kernel buffers on both sides are full). uvicorn then only *closes* the transport,
+The SSE response (api/sse.py) raises `SendTimeout` when a send to a client has waited
+`send_timeout` (the client has not taken its bytes for that long: its TCP window is closed,
+the kernel buffers on both sides are full). uvicorn then only *closes* the transport,
 and asyncio's close waits until the buffered bytes are written — which never happens for a
 client that does not read: the socket, its buffers and the response would stay until the client
 goes away. So the outermost ASGI layer catches the timeout and aborts the transport: the TCP
 connection is closed at once, the process keeps nothing of that client (what the kernel still
 holds for it is an orphaned socket it times out), and a browser's EventSource reconnects
 with Last-Event-ID and resumes from Redis, losing nothing.
+
+The outermost layer also hands the server's own `send` to the SSE response (`RAW_SEND` in the
+scope) when every layer of the stack leaves response bodies alone (api/sse.py says why).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import logging
 from typing import Any, Protocol
 
 from fastapi import FastAPI
-from sse_starlette.sse import SendTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.sse import RAW_SEND, SendTimeout, bodies_may_skip
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +41,11 @@ def _transport(send: Send) -> _Abortable | None:
 
 
 def _send_timed_out(exc: BaseException) -> bool:
-    """A SendTimeoutError, alone or as the only kind in a group (task groups wrap it)."""
-    if isinstance(exc, SendTimeoutError):
+    """A SendTimeout, alone or as the only kind in a group (task groups wrap it)."""
+    if isinstance(exc, SendTimeout):
         return True
     if isinstance(exc, BaseExceptionGroup):
-        timed_out, rest = exc.split(SendTimeoutError)
+        timed_out, rest = exc.split(SendTimeout)
         return timed_out is not None and rest is None
     return False
 
@@ -49,9 +53,15 @@ def _send_timed_out(exc: BaseException) -> bool:
 class DropStalledClients:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.raw_send = bodies_may_skip(self)  # checked once, on the built stack
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = _transport(send) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.raw_send:
+            scope[RAW_SEND] = send
+        transport = _transport(send)
         try:
             await self.app(scope, receive, send)
         except BaseException as e:

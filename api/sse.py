@@ -1,0 +1,236 @@
+"""The SSE response of the two stream routes: cheap per event.
+
+At 200 streams about a third of an api process's own Python CPU was the send path of sse-starlette's
+`EventSourceResponse` (docs/benchmarks.md): per event its `_stream_response` loop, a timeout
+around every send, and the ASGI `send` wrappers of every middleware layer. This response
+keeps its behaviour (headers, HEAD, comment heartbeats, client disconnect, dropping a client
+that stopped reading, ending on server shutdown) and does per event only what must be done:
+
+- One `await send(...)` per event, between two attribute stamps (`sending since`): no timeout
+  object per send. The connection's handler task (the one the server gave this request) waits
+  on the event pump, the client's disconnect and the server's shutdown with
+  `asyncio.wait(timeout=...)`, waking every `send_timeout_s / 4` at most (seconds): when the
+  pump has been inside one send for `send_timeout_s` the client took no bytes for that long
+  (uvicorn's send only waits while the transport's write buffer is above its high-water mark),
+  and the response raises `SendTimeout`, which api/stalled.py turns into an aborted
+  connection; when nothing was sent for `heartbeat_s` it writes a comment line, as
+  sse-starlette's ping (`: ping - <UTC time>`).
+- The body messages skip the middleware layers. The outermost layer (api/stalled.py) puts the
+  server's own `send` into the scope under `RAW_SEND` when every layer of the stack is one of
+  `SEND_SAFE_LAYERS`: layers that look only at `http.response.start` (CORS adds headers,
+  RequestCounter counts, the error and telemetry layers note that a response started). The
+  start message still goes through all of them; the bodies (and the final empty one) go
+  straight to the server. Why that is safe: none of those layers reads, rewrites or counts
+  a body. What would break it: a layer that does — GZip, BaseHTTPMiddleware (it pipes the body
+  through its own stream and would wait forever), a body logger. Such a layer is not in
+  `SEND_SAFE_LAYERS`, so the stack gets no `RAW_SEND` and every message goes through the
+  wrappers again (correct, only slower); tests/unit/test_sse_stack.py fails so that whoever
+  added it sees the cost and decides.
+- Server shutdown: sse-starlette's shutdown watcher (one per process, kept: it is the
+  library's, with its uvicorn fixes) ends the response cleanly — the pending events are
+  dropped, the body is terminated, the browser reconnects elsewhere with Last-Event-ID. The
+  hub stopping ends the event iterator, which ends the response the same way.
+
+However the response ends, the event iterator is closed (`aclose()`: its `finally` releases
+the hub subscription and the `chatpipe_sse_clients` gauge) and `release()` runs (the stream
+slot), also for HEAD (headers only, the iterator never starts; the routes answer HEAD with 405
+today, as FastAPI adds no HEAD to a GET route) or a client gone before the first event.
+Bodies skip the route's own exception wrapper too (Starlette's `wrap_app_handling_exceptions`,
+which also only notes the start).
+
+Why not a library: sse-starlette is what this replaces (measured below); FastAPI's own
+`fastapi.sse.EventSourceResponse` is a `StreamingResponse` driven by FastAPI's routing for
+path operations that `yield`: the route could no longer answer 404/403/429/503 before the
+stream starts (the checks would run inside the generator, after the 200), it has no send
+timeout, and each event still crosses every middleware wrapper.
+
+Measured (2026-11-29, 2-core box): per event through the api's middleware stack (CORS on,
+an Origin header) with a fake server send, CPU µs: sse-starlette + the former
+`_HeldEventSource` 6.7, this response 0.6, `fastapi.sse` (yielding `ServerSentEvent`) 48.
+Bench A/B at 200 streams (docs/benchmarks.md "Commands"; the base was the same tree with
+this module's change reverted): api CPU per chunk per process 42.7 / 44.2 µs against 43.7-49.7
+/ 44.8-50.2 (steady arrivals), 37.3 / 38.9 against 43.1-44.4 / 44.9-46.4 (burst): 3 to 14%
+less, at the noise level of this box; the rest is the hub, the event loop, uvicorn's write
+and the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sse_starlette import EventSourceResponse as _LibraryEventSource
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+RAW_SEND = "chatpipe.raw_send"
+
+# (module, class) of the layers that act on `http.response.start` only (module docstring)
+SEND_SAFE_LAYERS = frozenset(
+    {
+        ("api.stalled", "DropStalledClients"),
+        ("starlette.middleware.errors", "ServerErrorMiddleware"),
+        ("fastapi.telemetry._asgi", "ExceptionTelemetryMiddleware"),
+        ("fastapi._body_limit", "AppBodyLimitMiddleware"),
+        ("starlette.middleware.cors", "CORSMiddleware"),
+        ("api.middleware", "RequestCounter"),
+        ("starlette.middleware.exceptions", "ExceptionMiddleware"),
+        ("fastapi.middleware.asyncexitstack", "AsyncExitStackMiddleware"),
+    }
+)
+_ROUTERS = frozenset({("fastapi.routing", "APIRouter"), ("starlette.routing", "Router")})
+
+
+def stack_layers(app: ASGIApp) -> list[tuple[str, str]]:
+    """(module, class) of each layer of a built middleware stack, outermost first, down to
+    the router (excluded)."""
+    layers: list[tuple[str, str]] = []
+    layer: Any = app
+    while layer is not None:
+        kind = (type(layer).__module__, type(layer).__qualname__)
+        if kind in _ROUTERS:
+            return layers
+        layers.append(kind)
+        layer = getattr(layer, "app", None)
+    return layers
+
+
+def bodies_may_skip(app: ASGIApp) -> bool:
+    """Whether every layer of the stack is a known one that leaves bodies alone."""
+    return all(kind in SEND_SAFE_LAYERS for kind in stack_layers(app))
+
+
+class SendTimeout(TimeoutError):
+    """The client took no bytes for `send_timeout_s` (api/stalled.py drops the connection)."""
+
+
+_DISCONNECT = "http.disconnect"
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != _DISCONNECT:
+        pass
+
+
+async def _server_exiting() -> None:
+    await _LibraryEventSource._listen_for_exit_signal()
+
+
+class SSEResponse(Response):
+    """`text/event-stream` of already-encoded SSE text (`events`). The media type is set per
+    instance, as sse-starlette's: as a class attribute FastAPI would document the 200 as
+    `text/event-stream` with schema `string`, which schemathesis then checks every event
+    against (tests/security/test_fuzz_api.py); the OpenAPI stays as it was."""
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        release: Callable[[], Awaitable[None]],
+        *,
+        heartbeat_s: float,
+        send_timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        status_code: int = 200,  # FastAPI's OpenAPI reads the route's status from this default
+    ) -> None:
+        self.events = events
+        self.release = release
+        self.heartbeat_s = heartbeat_s  # <= 0: no heartbeat
+        self.send_timeout_s = send_timeout_s  # <= 0: no send timeout
+        self.status_code = status_code
+        self.media_type = "text/event-stream"
+        self.background = None
+        # the headers sse-starlette sent, in its order
+        self.init_headers(
+            {
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **(headers or {}),
+                "Connection": "keep-alive",
+            }
+        )
+        self._sending_since = 0.0  # loop time the pending send started; 0: none pending
+        self._last_sent = 0.0  # loop time the last send started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._respond(scope, receive, send)
+        finally:
+            try:
+                await self.events.aclose()  # type: ignore[attr-defined]
+            finally:
+                await self.release()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        raw: Send = scope.get(RAW_SEND) or send
+        if scope["method"] == "HEAD":  # headers only: the stream never starts
+            await raw({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        loop = asyncio.get_running_loop()
+        self._last_sent = loop.time()
+        pump = loop.create_task(self._pump(raw))
+        gone = loop.create_task(_disconnected(receive))
+        exiting = loop.create_task(_server_exiting())
+        tasks = {pump, gone, exiting}
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    tasks, timeout=self._until_check(loop.time()), return_when="FIRST_COMPLETED"
+                )
+                if done:
+                    break
+                now = loop.time()
+                since = self._sending_since
+                if since:
+                    if now - since >= self.send_timeout_s > 0:
+                        raise SendTimeout
+                elif self.heartbeat_s > 0 and now - self._last_sent >= self.heartbeat_s:
+                    await self._heartbeat(raw, now)
+        finally:
+            for task in tasks:
+                task.cancel()
+            # the pump's end (cancelled inside the iterator) before the iterator is closed
+            await asyncio.wait(tasks)
+        if gone in done:
+            return  # nothing can reach the client any more
+        if pump in done and not pump.cancelled() and pump.exception() is not None:
+            raise pump.exception()  # type: ignore[misc]
+        # the events ended (done, hub stopped) or the server is shutting down
+        await raw({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _until_check(self, now: float) -> float | None:
+        timeout, heartbeat = self.send_timeout_s, self.heartbeat_s
+        if self._sending_since and timeout > 0:
+            return max(0.0, self._sending_since + timeout - now)
+        checks = []
+        if timeout > 0:
+            checks.append(timeout / 4)  # a send that starts now is seen stalled at <= timeout
+        if heartbeat > 0:
+            checks.append(max(0.0, self._last_sent + heartbeat - now))
+        return min(checks) if checks else None
+
+    async def _pump(self, send: Send) -> None:
+        time = asyncio.get_running_loop().time
+        async for chunk in self.events:
+            self._sending_since = started = time()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self._sending_since = 0.0
+            self._last_sent = started
+
+    async def _heartbeat(self, send: Send, now: float) -> None:
+        """A comment line, as sse-starlette's ping. Bounded by the send timeout: this task is
+        the one that watches the sends."""
+        ping = b": ping - %s\r\n\r\n" % str(datetime.now(UTC)).encode()
+        self._last_sent = now
+        sent = send({"type": "http.response.body", "body": ping, "more_body": True})
+        if self.send_timeout_s <= 0:
+            await sent
+            return
+        try:
+            await asyncio.wait_for(sent, self.send_timeout_s)
+        except TimeoutError:
+            raise SendTimeout from None
