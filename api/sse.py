@@ -13,8 +13,9 @@ that stopped reading, ending on server shutdown) and does per event only what mu
   pump has been inside one send for `send_timeout_s` the client took no bytes for that long
   (uvicorn's send only waits while the transport's write buffer is above its high-water mark),
   and the response raises `SendTimeout`, which api/stalled.py turns into an aborted
-  connection; when nothing was sent for `heartbeat_s` it writes a comment line, as
-  sse-starlette's ping (`: ping - <UTC time>`).
+  connection; every `heartbeat_s` it writes a comment line between two events, as
+  sse-starlette's ping (`: ping - <UTC time>`): also while events flow, as before (a client
+  or proxy may count on them).
 - The body messages skip the middleware layers. The outermost layer (api/stalled.py) puts the
   server's own `send` into the scope under `RAW_SEND` when every layer of the stack is one of
   `SEND_SAFE_LAYERS`: layers that look only at `http.response.start` (CORS adds headers,
@@ -151,7 +152,7 @@ class SSEResponse(Response):
             }
         )
         self._sending_since = 0.0  # loop time the pending send started; 0: none pending
-        self._last_sent = 0.0  # loop time the last send started
+        self._last_ping = 0.0  # loop time of the last heartbeat (or of the start)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -171,7 +172,7 @@ class SSEResponse(Response):
             await raw({"type": "http.response.body", "body": b"", "more_body": False})
             return
         loop = asyncio.get_running_loop()
-        self._last_sent = loop.time()
+        self._last_ping = loop.time()
         pump = loop.create_task(self._pump(raw))
         gone = loop.create_task(_disconnected(receive))
         exiting = loop.create_task(_server_exiting())
@@ -188,7 +189,7 @@ class SSEResponse(Response):
                 if since:
                     if now - since >= self.send_timeout_s > 0:
                         raise SendTimeout
-                elif self.heartbeat_s > 0 and now - self._last_sent >= self.heartbeat_s:
+                elif self.heartbeat_s > 0 and now - self._last_ping >= self.heartbeat_s:
                     await self._heartbeat(raw, now)
         finally:
             for task in tasks:
@@ -210,22 +211,21 @@ class SSEResponse(Response):
         if timeout > 0:
             checks.append(timeout / 4)  # a send that starts now is seen stalled at <= timeout
         if heartbeat > 0:
-            checks.append(max(0.0, self._last_sent + heartbeat - now))
+            checks.append(max(0.0, self._last_ping + heartbeat - now))
         return min(checks) if checks else None
 
     async def _pump(self, send: Send) -> None:
         time = asyncio.get_running_loop().time
         async for chunk in self.events:
-            self._sending_since = started = time()
+            self._sending_since = time()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self._sending_since = 0.0
-            self._last_sent = started
 
     async def _heartbeat(self, send: Send, now: float) -> None:
         """A comment line, as sse-starlette's ping. Bounded by the send timeout: this task is
         the one that watches the sends."""
         ping = b": ping - %s\r\n\r\n" % str(datetime.now(UTC)).encode()
-        self._last_sent = now
+        self._last_ping = now
         sent = send({"type": "http.response.body", "body": ping, "more_body": True})
         if self.send_timeout_s <= 0:
             await sent
