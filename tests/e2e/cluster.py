@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,11 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def new_session() -> str:
+    """A session id of its own for one chat (no other test's session shares it)."""
+    return f"s-{uuid.uuid4().hex[:12]}"
 
 
 def poll(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:

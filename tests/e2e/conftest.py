@@ -5,7 +5,9 @@
 The topics are created once per module (like the `topics` fixture, which would delete them
 after every test, under the cluster's feet) and deleted at the end of the module.
 
-A module changes the simulator's pace by overriding the `cluster_env` fixture.
+A module changes the simulator's pace by overriding the `cluster_env` fixture, and the
+processes it runs (how many of each, how long they may take to be ready) by overriding
+`cluster_shape`.
 """
 
 from __future__ import annotations
@@ -105,15 +107,41 @@ def cluster_env() -> dict[str, object]:
     return dict(DEFAULT_ENV)
 
 
+@dataclass(frozen=True)
+class ClusterShape:
+    """The processes of a module's cluster, and how long they may take to be ready."""
+
+    apis: int = 2
+    consumers: int = 3
+    listener: bool = True
+    ready_timeout: float = 60.0
+
+
+@pytest.fixture(scope="module")
+def cluster_shape() -> ClusterShape:
+    """2 api + 3 ai_consumer + 1 cancel_listener, 60 s to be ready (override per module)."""
+    return ClusterShape()
+
+
 @pytest.fixture(scope="module")
 def cluster(
     cluster_topics: Settings,
     cluster_env: dict[str, object],
+    cluster_shape: ClusterShape,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    """2 api + 3 ai_consumer + 1 cancel_listener, ready (see Cluster.wait_ready)."""
+    """The module's processes (`cluster_shape`), ready (see Cluster.wait_ready)."""
     workdir = tmp_path_factory.mktemp(f"cluster-{cluster_topics.topic_prefix.rstrip('.')}")
-    with Cluster(cluster_topics, workdir, env=cluster_env).running(timeout=60) as running:
+    shape = cluster_shape
+    processes = Cluster(
+        cluster_topics,
+        workdir,
+        apis=shape.apis,
+        consumers=shape.consumers,
+        listener=shape.listener,
+        env=cluster_env,
+    )
+    with processes.running(timeout=shape.ready_timeout) as running:
         yield running
 
 

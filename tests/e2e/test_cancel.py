@@ -17,16 +17,12 @@ import pytest
 from redis.asyncio import Redis
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import Api
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
 from tests.e2e.sse import SSEEvent, chunks, dones
 
 pytestmark = pytest.mark.e2e
-
-
-def new_session() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
 
 
 def assert_contiguous(events: list[SSEEvent]) -> None:

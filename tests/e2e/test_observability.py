@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, Proc, apoll
+from tests.e2e.cluster import Cluster, Proc, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
 from tests.e2e.sse import chunks
@@ -73,10 +72,6 @@ def cluster_env() -> dict[str, object]:
     # a killed consumer's partitions move after 6 s (the broker's minimum session timeout)
     # and its leases lapse after 3 s: the takeover test waits seconds, not half a minute
     return {**DEFAULT_ENV, "lease_ms": 3000, "kafka_session_timeout_ms": 6000}
-
-
-def new_session() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
 
 
 async def scrape(client: httpx.AsyncClient, proc: Proc) -> tuple[set[str], Samples]:

@@ -18,27 +18,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatpipe.settings import Settings
 from tests.e2e.cluster import Cluster, free_port, poll
+from tests.e2e.conftest import ClusterShape
 from tests.e2e.sse import SSEStream, chunks
 from tests.support.nginx import nginx, prepare
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    cluster_topics: Settings,
-    cluster_env: dict[str, object],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", autouse=True)
+def needs_nginx() -> None:
     if nginx() is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    workdir = tmp_path_factory.mktemp(f"proxy-{cluster_topics.topic_prefix.rstrip('.')}")
-    with Cluster(
-        cluster_topics, workdir, apis=2, consumers=1, listener=False, env=cluster_env
-    ).running(timeout=60) as running:
-        yield running
+
+
+@pytest.fixture(scope="module")
+def cluster_shape() -> ClusterShape:
+    return ClusterShape(consumers=1, listener=False)
 
 
 class Proxy:

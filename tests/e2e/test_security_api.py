@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from chatpipe.tokens import StreamTokens, stream_key
-from tests.e2e.cluster import Cluster, apoll
+from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
 from tests.e2e.sse import SSEError, SSEStream, chunks, dones
@@ -56,10 +56,6 @@ def bearer(user: str, ttl_s: int = 600) -> str:
 
 def new_user(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
-
-
-def new_session() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
 
 
 Clients = Callable[[str | None], list[httpx.AsyncClient]]

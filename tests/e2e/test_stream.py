@@ -14,16 +14,12 @@ from datetime import datetime
 import pytest
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import Api
 from tests.e2e.records import Event, foreign_producer, of_message, read_responses, terminal
 from tests.e2e.sse import SSEEvent, SSEStream, chunks, dones
 
 pytestmark = pytest.mark.e2e
-
-
-def new_session() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
 
 
 def wire(events: list[SSEEvent]) -> list[tuple[str | None, str, str]]:

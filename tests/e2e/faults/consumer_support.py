@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from typing import Any
@@ -22,10 +21,6 @@ from tests.e2e.records import Event, of_message, terminal
 from tests.e2e.sse import SSEEvent, SSEStream
 
 FINAL = {"completed", "cancelled", "failed"}
-
-
-def new_session() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
 
 
 def at(value: str) -> datetime:
@@ -182,7 +177,8 @@ async def recorded(streams: Iterable[SSEStream]) -> AsyncIterator[list[SSEStream
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
-        yield [s.record() for s in wanted]
+        yield [s.record() for s in wanted]  # closed by the stack (SSEStream.close waits for
+        # the server to end a stream that got its `done`: see there)
 
 
 def texts_after_last_restart(events: list[SSEEvent]) -> str:

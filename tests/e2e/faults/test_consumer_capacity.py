@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,8 @@ from redis.asyncio import Redis
 
 from chatpipe.schemas import rfc3339, utcnow
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll
-from tests.e2e.conftest import DEFAULT_ENV
+from tests.e2e.cluster import Cluster, apoll, new_session
+from tests.e2e.conftest import DEFAULT_ENV, ClusterShape
 from tests.e2e.faults.consumer_support import (
     FINAL,
     kafka_checks,
@@ -35,14 +34,7 @@ from tests.e2e.faults.consumer_support import (
 )
 from tests.e2e.records import foreign_producer, read_responses
 
-# An unclosed-socket ResourceWarning of one of the test's own HTTP connections to an api
-# process was seen in ~1 of 10 runs under load (not in chatpipe's code; cause not found yet, see
-# CHANGELOG/notes): it fails no assertion about the product, so it does not fail these tests.
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.faults,
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 REQUESTS = 500
 LIMIT = 50
@@ -64,16 +56,9 @@ def cluster_env() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    cluster_topics: Settings,
-    cluster_env: dict[str, object],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Cluster]:
+def cluster_shape() -> ClusterShape:
     """No process yet: the test fills the topic, then starts the one consumer."""
-    workdir = tmp_path_factory.mktemp("cluster-capacity")
-    bare = Cluster(cluster_topics, workdir, apis=0, consumers=0, listener=False, env=cluster_env)
-    with bare.running(60) as running:
-        yield running
+    return ClusterShape(apis=0, consumers=0, listener=False)
 
 
 def rss_kib(pid: int) -> int | None:
@@ -90,7 +75,7 @@ def rss_kib(pid: int) -> int | None:
 async def test_500_queued_requests_never_run_more_than_50_at_once(
     cluster: Cluster, settings: Settings, redis: Redis
 ) -> None:
-    sessions = [f"s-{uuid.uuid4().hex[:12]}" for _ in range(REQUESTS)]
+    sessions = [new_session() for _ in range(REQUESTS)]
     ids = [f"m-{uuid.uuid4().hex}" for _ in range(REQUESTS)]
     async with foreign_producer(settings) as producer:
         sent = [

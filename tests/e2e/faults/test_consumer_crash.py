@@ -17,12 +17,11 @@ from redis.asyncio import Redis
 from ai_consumer.llm.simulated import simulated_tokens
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.faults.consumer_support import (
     kafka_checks,
     kinds,
-    new_session,
     owners,
     recorded,
     sse_checks,
@@ -32,14 +31,7 @@ from tests.e2e.faults.consumer_support import (
 from tests.e2e.records import read_responses
 from tests.e2e.sse import chunks
 
-# An unclosed-socket ResourceWarning of one of the test's own HTTP connections to an api
-# process was seen in ~1 of 10 runs under load (not in chatpipe's code; cause not found yet, see
-# CHANGELOG/notes): it fails no assertion about the product, so it does not fail these tests.
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.faults,
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 TOKENS = 30
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
 
 import pytest
 from aiokafka.partitioner import murmur2
@@ -24,15 +23,14 @@ from redis.asyncio import Redis
 from ai_consumer.llm.simulated import simulated_tokens
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster
-from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.cluster import Cluster, new_session
+from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import (
     assignment_times,
     assignments,
     kafka_checks,
     kinds,
     live_at,
-    new_session,
     recorded,
     sse_checks,
     states,
@@ -42,14 +40,7 @@ from tests.e2e.faults.consumer_support import (
 from tests.e2e.records import read_responses
 from tests.e2e.sse import chunks
 
-# An unclosed-socket ResourceWarning of one of the test's own HTTP connections to an api
-# process was seen in ~1 of 10 runs under load (not in chatpipe's code; cause not found yet, see
-# CHANGELOG/notes): it fails no assertion about the product, so it does not fail these tests.
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.faults,
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 HALF = 50
 TOKENS = 36
@@ -79,15 +70,9 @@ def cluster_env() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    cluster_topics: Settings,
-    cluster_env: dict[str, object],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Cluster]:
+def cluster_shape() -> ClusterShape:
     """2 api + 2 ai_consumer + 1 cancel_listener."""
-    workdir = tmp_path_factory.mktemp("cluster-rebalance")
-    with Cluster(cluster_topics, workdir, consumers=2, env=cluster_env).running(60) as running:
-        yield running
+    return ClusterShape(consumers=2)
 
 
 async def test_join_and_leave_during_100_streams_answer_each_message_once(

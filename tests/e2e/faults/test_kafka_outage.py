@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll
-from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.cluster import Cluster, apoll, new_session
+from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
+from tests.e2e.faults.consumer_support import recorded
 from tests.e2e.records import of_message, read_responses, terminal
 from tests.e2e.sse import chunks, dones
 from tests.support.private_stack import PrivateStack
@@ -36,18 +35,9 @@ def cluster_env() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    cluster_topics: Settings,
-    cluster_env: dict[str, object],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Cluster]:
-    workdir = tmp_path_factory.mktemp("cluster-kafka-outage")
-    with Cluster(cluster_topics, workdir, consumers=1, env=cluster_env).running(90) as running:
-        yield running
-
-
-def new_session() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
+def cluster_shape() -> ClusterShape:
+    """2 api + 1 ai_consumer + 1 cancel_listener."""
+    return ClusterShape(consumers=1, ready_timeout=90)
 
 
 async def timed_post(api: Api, session: str) -> tuple[httpx.Response, float]:
@@ -67,10 +57,9 @@ async def test_a_kafka_outage_gives_bounded_503s_and_everything_resumes(
     pids = {p.name: p.pid for p in cluster.procs}
     sessions = [new_session() for _ in range(IN_FLIGHT)]
     ids = [(await a.chat(s, max_tokens=60))["message_id"] for s in sessions]  # 6 s answers
-    streams = [await b.stream(m).__aenter__() for m in ids]
-    try:
+    # opened together and recorded; each one opened is closed, whatever fails
+    async with recorded(b.stream(m) for m in ids) as streams:
         for s in streams:
-            s.record()
             await s.wait_for(lambda evs: len(chunks(evs)) >= 1, within=20, what="a chunk")
 
         await asyncio.to_thread(private.stop, "kafka")
@@ -87,9 +76,6 @@ async def test_a_kafka_outage_gives_bounded_503s_and_everything_resumes(
         for s in streams:
             await s.wait_done(within=20)
         await asyncio.to_thread(private.start, "kafka")
-    finally:
-        for s in streams:
-            await s.close()
 
     assert len(answers) >= 4, answers
     assert {status for status, _, _ in answers} == {503}, answers

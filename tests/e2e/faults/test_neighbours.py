@@ -23,15 +23,14 @@ from __future__ import annotations
 import asyncio
 import statistics
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster
-from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.cluster import Cluster, new_session
+from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.sse import chunks, dones
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -43,15 +42,9 @@ def cluster_env() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    cluster_topics: Settings,
-    cluster_env: dict[str, object],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Cluster]:
+def cluster_shape() -> ClusterShape:
     """One ai_consumer owns every partition: "the consumer never restarts" is about it."""
-    workdir = tmp_path_factory.mktemp("cluster-neighbours")
-    with Cluster(cluster_topics, workdir, consumers=1, env=cluster_env).running(90) as running:
-        yield running
+    return ClusterShape(consumers=1, ready_timeout=90)
 
 
 LONG_TOKENS = 100  # 100 ms apart: a 10 s answer
@@ -67,7 +60,7 @@ def partition_of(session_id: str, partitions: int) -> int:
 def sessions_on(partition: int, partitions: int, n: int) -> list[str]:
     found: list[str] = []
     while len(found) < n:
-        session = f"s-{uuid.uuid4().hex[:12]}"
+        session = new_session()
         if partition_of(session, partitions) == partition:
             found.append(session)
     return found
@@ -153,7 +146,7 @@ async def test_poison_records_go_to_the_dlq_and_the_consumer_goes_on(
     consumer = cluster.consumer_procs[0]
     pid = consumer.pid
     before = len(consumer.lines())  # start-up noise (a fresh broker's coordinator) is not ours
-    session = f"s-{uuid.uuid4().hex[:12]}"
+    session = new_session()
     key = session.encode()
     poison: dict[str, tuple[bytes | None, list[tuple[str, bytes]]]] = {
         "not_json": (b"{this is not json", []),

@@ -12,8 +12,7 @@ of the same session that was not cancelled is answered as usual.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -21,8 +20,8 @@ from redis.asyncio import Redis
 from chatpipe.clients import make_redis
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll
-from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.cluster import Cluster, apoll, new_session
+from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.records import of_message, read_responses, terminal
 from tests.e2e.sse import SSEError, SSEEvent, chunks, dones
 from tests.support.private_stack import PrivateStack
@@ -36,15 +35,9 @@ def cluster_env() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    cluster_topics: Settings,
-    cluster_env: dict[str, object],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Cluster]:
+def cluster_shape() -> ClusterShape:
     """2 api + the cancel listener; no ai_consumer yet (the test starts one)."""
-    workdir = tmp_path_factory.mktemp("cluster-redis-restart")
-    with Cluster(cluster_topics, workdir, consumers=0, env=cluster_env).running(90) as running:
-        yield running
+    return ClusterShape(consumers=0, ready_timeout=90)
 
 
 @pytest.fixture
@@ -82,7 +75,7 @@ async def test_a_cancel_pending_for_a_queued_message_survives_a_redis_restart(
 ) -> None:
     a, b = apis
     keys = Keys.from_settings(settings)
-    session = f"s-{uuid.uuid4().hex[:12]}"
+    session = new_session()
     cancelled = (await a.chat(session, max_tokens=5))["message_id"]
     answered = (await a.chat(session, max_tokens=5))["message_id"]
     answer = await b.cancel(session, cancelled)

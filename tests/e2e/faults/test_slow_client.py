@@ -17,15 +17,13 @@ import contextlib
 import itertools
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 
-from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll
-from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.cluster import Cluster, apoll, new_session
+from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.sse import SSEStream, chunks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -48,18 +46,9 @@ def cluster_env() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    cluster_topics: Settings,
-    cluster_env: dict[str, object],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Cluster]:
-    workdir = tmp_path_factory.mktemp("cluster-slow-client")
-    with Cluster(cluster_topics, workdir, consumers=1, env=cluster_env).running(90) as running:
-        yield running
-
-
-def new_session() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
+def cluster_shape() -> ClusterShape:
+    """2 api + 1 ai_consumer + 1 cancel_listener."""
+    return ClusterShape(consumers=1, ready_timeout=90)
 
 
 async def short_answer(api: Api) -> float:
