@@ -2,7 +2,10 @@
 `failed` with one terminal event, marks its offset done, and the consumer goes on.
 
 Fakes stand in for Redis and Kafka (the state scripts and the sink have their own tests); the
-Handler, Worker, Lanes, Registry and PartitionOffsets are the real ones."""
+Handler, Worker, Lanes, Registry and PartitionOffsets are the real ones. The fake state only
+records what the handler asks of it: what the real FINISH script makes of that request (the
+message `failed` with its reason, one `done` after the last chunk) is tested on a real Redis in
+tests/integration/test_state.py."""
 
 from __future__ import annotations
 
@@ -36,19 +39,18 @@ class FakeRedis:
 
 
 class FakeState:
+    """Records the handler's `finish` requests and grants each (a new message's claim starts
+    it; its finish ends it as asked): no state of its own."""
+
     def __init__(self, claim_error: Exception | None = None) -> None:
         self.redis = FakeRedis()
         self.keys = Keys("")
         self.claim_error = claim_error
         self.finished: list[dict[str, Any]] = []
-        self.states: dict[str, str] = {}
 
     async def claim(self, message_id: str, *args: Any) -> Claim:
         if self.claim_error is not None:
             raise self.claim_error
-        if self.states.get(message_id) in ("completed", "failed", "cancelled"):
-            return Claim("final", detail=self.states[message_id])
-        self.states[message_id] = "streaming"
         return Claim("start")
 
     async def finish(
@@ -61,9 +63,6 @@ class FakeState:
         seq: int,
         now: str,
     ) -> Finish:
-        if self.states.get(message_id) in ("completed", "failed", "cancelled"):
-            return Finish(self.states[message_id], "", "", already=True)
-        self.states[message_id] = wanted
         self.finished.append(
             {"message_id": message_id, "state": wanted, "reason": reason, "seq": seq}
         )
