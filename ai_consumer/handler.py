@@ -15,11 +15,12 @@ from ai_consumer.interrupt import until_set
 from ai_consumer.llm import Provider, ProviderError
 from ai_consumer.registry import LocalStream, Registry
 from ai_consumer.sink import Outgoing, Sink
+from chatpipe.codec import now_rfc3339
 from chatpipe.errors import ChatpipeError
 from chatpipe.keys import cancel_record_key
 from chatpipe.logs import log_context
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import ChatRequest, rfc3339, utcnow
+from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
 from chatpipe.state import State
 from chatpipe.tracing import Tracing
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _now() -> str:
-    return rfc3339(utcnow())
+    return now_rfc3339()  # rfc3339(utcnow()), formatted once per second
 
 
 class Handler:
@@ -183,12 +184,17 @@ class Handler:
 
         wanted, reason, chunks = "completed", "", 0
         flag_seen_at: float | None = None  # when a chunk saw the Redis flag (the flag has no time)
+        # every chunk's record: this one, copied, with its seq, at and delta (same fields in the
+        # same order as _event's), instead of building it field by field on every chunk
+        chunk_value = self._event(req, "chat.chunk", seq, at)
         try:
             async with contextlib.aclosing(
                 until_set(self.provider.stream(req), stream.cancelled)
             ) as tokens:
                 async for delta in tokens:
                     at = _now()
+                    value = chunk_value.copy()
+                    value["seq"], value["at"], value["delta"] = seq, at, delta
                     if chunks == 0:
                         self.metrics.ttft.observe(time.monotonic() - started_at)
                     flagged = await self.sink.emit(
@@ -199,7 +205,7 @@ class Handler:
                             seq,
                             {"seq": seq, "delta": delta, "at": at},
                             "chat.chunk",
-                            self._event(req, "chat.chunk", seq, at, delta=delta),
+                            value,
                             traceparent,
                         )
                     )

@@ -1,10 +1,12 @@
 """Where chunks go: one Redis round trip per loop tick for all streams, Kafka sends unawaited.
 
-A stream hands its event to `emit()` and waits for the batch it landed in. The batch loop
-drains everything queued since the last round trip into one pipeline: the cancel flags of the
-batch's messages (one MGET) and one XADD per event; then it enqueues the Kafka records. While a
-round trip is in flight new events pile up, so the batch grows with load (measured in
-notes/field-notes.md: ~40 us of CPU per chunk batched against ~190 us with a round trip each).
+A stream hands its event to `emit()` and waits for the batch it landed in (on a Future of its
+own: one shared by the batch would be cancelled for all by one cancelled emitter). The batch
+loop takes everything queued since the last round trip into one pipeline: the cancel flags of
+the batch's messages (one MGET) and one XADD per event; then it enqueues the batch's Kafka
+records, in order, as one item. While a round trip is in flight new events pile up, so the
+batch grows with load (measured in notes/field-notes.md: ~40 us of CPU per chunk batched
+against ~190 us with a round trip each).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -21,7 +24,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.producer.transaction_manager import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, PidAndEpoch
 from redis.asyncio import Redis
 
-from chatpipe.codec import dumps, headers_for
+from chatpipe.codec import cached_headers, dumps
 from chatpipe.errors import Unavailable
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
@@ -41,9 +44,7 @@ class Outgoing:
     kafka_type: str
     kafka_value: dict[str, Any]
     traceparent: str | None = None
-    done: asyncio.Future[bool] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    done: asyncio.Future[bool] | None = None  # set by emit(): the cancel flag, once written
 
 
 class Sink:
@@ -61,10 +62,13 @@ class Sink:
         self.producer = producer
         self.topic = settings.responses_topic
         self.metrics = metrics
-        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue()
+        # the events queued for the next round trip (a list, swapped whole by the batch loop)
+        self._pending: list[Outgoing] = []
+        self._wake = asyncio.Event()
         # Kafka records leave through one queue and one task, in order, so a terminal event
-        # never overtakes its chunks and a slow broker never holds up the Redis path (SSE)
-        self._kafka: asyncio.Queue[_Record] = asyncio.Queue()
+        # never overtakes its chunks and a slow broker never holds up the Redis path (SSE);
+        # an item is a batch's records (or a terminal's one)
+        self._kafka: asyncio.Queue[list[_Record]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._kafka_errors = 0
         self._tick_s = settings.sink_tick_ms / 1000
@@ -89,8 +93,12 @@ class Sink:
     async def emit(self, out: Outgoing) -> bool:
         """Append one event for SSE readers and Kafka. Returns True when the message's cancel
         flag was set at that moment (the caller stops)."""
-        self._queue.put_nowait(out)
-        return await out.done
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        out.done = done
+        if not self._pending:  # the first event of a new batch
+            self._wake.set()
+        self._pending.append(out)
+        return await done
 
     async def publish(
         self, key: str, kafka_type: str, value: dict[str, Any], traceparent: str | None = None
@@ -99,9 +107,9 @@ class Sink:
         the broker's ack; retried while the broker is away (terminal events must arrive)."""
         delay = 0.2
         while True:
-            record = _Record(key.encode(), dumps(value), headers_for(kafka_type, traceparent))
+            record = _Record(key.encode(), dumps(value), cached_headers(kafka_type, traceparent))
             record.delivered = asyncio.get_running_loop().create_future()
-            self._kafka.put_nowait(record)
+            self._kafka.put_nowait([record])
             try:
                 await record.delivered
                 return
@@ -119,21 +127,23 @@ class Sink:
         loop = asyncio.get_running_loop()
         last = 0.0
         while True:
-            first = await self._queue.get()
+            await self._wake.wait()
+            self._wake.clear()
             # at most one round trip per tick: what arrives meanwhile rides along
             wait = last + self._tick_s - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
             last = loop.time()
-            batch = [first]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._flush(batch)
+            batch, self._pending = self._pending, []
+            if batch:
+                await self._flush(batch)
 
-    def _partition(self, key: bytes) -> int | None:
+    def _partition(self, key: bytes, partitions: Sequence[int] | None = None) -> int | None:
         """The default partitioner's choice (murmur2 of the key), with the hash cached: the
-        same partition as without it, without hashing every chunk in pure Python."""
-        partitions = self.producer.client.cluster.partitions_for_topic(self.topic)
+        same partition as without it, without hashing every chunk in pure Python. `partitions`
+        (sorted) is `_partitions()`, when the caller read it once for several records."""
+        if partitions is None:
+            partitions = self._partitions()
         if not partitions:
             return None  # no metadata yet: the producer waits for it and partitions itself
         h = self._hashes.get(key)
@@ -141,12 +151,17 @@ class Sink:
             if len(self._hashes) >= 100_000:
                 self._hashes.clear()
             h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
-        chosen: int = sorted(partitions)[h % len(partitions)]
-        return chosen
+        return partitions[h % len(partitions)]
+
+    def _partitions(self) -> list[int] | None:
+        """The topic's partitions, sorted, as the producer's metadata knows them now."""
+        partitions = self.producer.client.cluster.partitions_for_topic(self.topic)
+        return sorted(partitions) if partitions else None
 
     async def _flush(self, batch: list[Outgoing]) -> None:
         self.metrics.sink_batch.observe(len(batch))
-        flag_keys = list({self.keys.cancel(o.session_id, o.message_id) for o in batch})
+        cancel_key = self.keys.cancel
+        flag_keys = list({cancel_key(o.session_id, o.message_id) for o in batch})
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.mget(flag_keys)
@@ -156,41 +171,50 @@ class Sink:
         except Exception as e:  # Redis down: every stream in the batch learns it
             err = Unavailable(f"redis: {e}")
             for o in batch:
-                if not o.done.done():
+                if o.done is not None and not o.done.done():
                     o.done.set_exception(err)
             return
         flags = dict(zip(flag_keys, results[0], strict=True))
+        records = []
         for o in batch:
-            self._kafka.put_nowait(
+            records.append(
                 _Record(
                     o.session_id.encode(),
                     dumps(o.kafka_value),
-                    headers_for(o.kafka_type, o.traceparent),
+                    cached_headers(o.kafka_type, o.traceparent),
                 )
             )
-            if not o.done.done():
-                o.done.set_result(flags[self.keys.cancel(o.session_id, o.message_id)] is not None)
+            if o.done is not None and not o.done.done():
+                o.done.set_result(flags[cancel_key(o.session_id, o.message_id)] is not None)
+        self._kafka.put_nowait(records)
 
     async def _run_kafka(self) -> None:
         while True:
-            record = await self._kafka.get()
+            records = await self._kafka.get()
             try:
-                fut = await self.producer.send(
-                    self.topic,
-                    record.value,
-                    key=record.key,
-                    headers=record.headers,
-                    partition=self._partition(record.key),
-                )
-            except Exception as e:
-                self._failed(e)
-                if record.delivered is not None and not record.delivered.done():
-                    record.delivered.set_exception(e)
-            else:
-                fut.add_done_callback(record.on_sent)
-                fut.add_done_callback(self._on_sent)
+                partitions = self._partitions()
+                for record in records:
+                    await self._send(record, partitions)
             finally:
                 self._kafka.task_done()
+
+    async def _send(self, record: _Record, partitions: list[int] | None) -> None:
+        try:
+            fut = await self.producer.send(
+                self.topic,
+                record.value,
+                key=record.key,
+                headers=record.headers,
+                partition=self._partition(record.key, partitions),
+            )
+        except Exception as e:
+            self._failed(e)
+            if record.delivered is not None and not record.delivered.done():
+                record.delivered.set_exception(e)
+        else:
+            if record.delivered is not None:  # a terminal: its publish() waits for the ack
+                fut.add_done_callback(record.on_sent)
+            fut.add_done_callback(self._on_sent)
 
     def _failed(self, error: BaseException) -> None:
         if isinstance(error, LOST_SEQUENCE):

@@ -1,0 +1,185 @@
+"""The sink's batching with fakes for Redis and Kafka (the real ones are in tests/e2e): events
+of one tick share one round trip; each emitter learns its own message's cancel flag; a Redis
+failure reaches every emitter of the batch; an emitter cancelled meanwhile harms no other;
+Kafka records leave in order, a terminal after its chunks, each with its headers."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any, cast
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from ai_consumer.sink import Outgoing, Sink
+from chatpipe.codec import headers_for
+from chatpipe.errors import Unavailable
+from chatpipe.keys import Keys
+from chatpipe.metrics import Metrics
+from chatpipe.settings import Settings
+from chatpipe.state import State
+
+
+class FakePipe:
+    def __init__(self, redis: FakeRedis) -> None:
+        self.redis = redis
+        self.ops: list[Any] = []
+
+    async def __aenter__(self) -> FakePipe:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def mget(self, keys: list[str]) -> None:
+        self.ops.append(("mget", keys))
+
+    def xadd(self, key: str, fields: dict[str, Any], **kw: Any) -> None:
+        self.ops.append(("xadd", key, fields))
+
+    async def execute(self) -> list[Any]:
+        self.redis.round_trips.append(self.ops)
+        await asyncio.sleep(0)
+        if self.redis.down:
+            raise ConnectionError("redis is away")
+        out: list[Any] = []
+        for op in self.ops:
+            if op[0] == "mget":
+                out.append([self.redis.flags.get(k) for k in op[1]])
+            else:
+                out.append(b"1-0")
+        return out
+
+
+class FakeRedis:
+    def __init__(self) -> None:
+        self.flags: dict[str, bytes] = {}
+        self.round_trips: list[list[Any]] = []
+        self.down = False
+
+    def pipeline(self, transaction: bool = True) -> FakePipe:
+        return FakePipe(self)
+
+
+class FakeState:
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    def append(self, pipe: Any, message_id: str, event: str, seq: int, data: Any) -> None:
+        pipe.xadd(self.keys.stream(message_id), {"e": event, "s": seq, "d": orjson.dumps(data)})
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        cluster = SimpleNamespace(partitions_for_topic=lambda topic: {0, 1, 2})
+        self.client = SimpleNamespace(cluster=cluster)
+
+    async def send(self, topic: str, value: bytes, **kw: Any) -> asyncio.Future[None]:
+        assert type(kw["headers"]) is list  # aiokafka's record builder takes no other sequence
+        self.sent.append({"topic": topic, "value": orjson.loads(value), **kw})
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+def build() -> tuple[Sink, FakeRedis, FakeProducer]:
+    settings = Settings()
+    redis, producer = FakeRedis(), FakeProducer()
+    state = FakeState(Keys.from_settings(settings))
+    sink = Sink(
+        cast(Redis, redis),
+        cast(State, state),
+        cast(AIOKafkaProducer, producer),
+        settings,
+        Metrics(),
+    )
+    return sink, redis, producer
+
+
+def chunk(message_id: str, seq: int, traceparent: str | None = None) -> Outgoing:
+    value = {"type": "chat.chunk", "message_id": message_id, "seq": seq}
+    data = {"seq": seq, "delta": f" {seq}"}
+    return Outgoing(
+        message_id, f"s-{message_id}", "chunk", seq, data, "chat.chunk", value, traceparent
+    )
+
+
+async def test_a_tick_is_one_round_trip_and_each_emitter_gets_its_own_flag() -> None:
+    sink, redis, producer = build()
+    redis.flags[sink.keys.cancel("s-m2", "m2")] = b"1"
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(
+                *(sink.emit(chunk(m, seq)) for seq in range(3) for m in ("m1", "m2", "m3"))
+            )
+            await sink._kafka.join()
+    finally:
+        await sink.stop(flush_timeout=1)
+    assert results == [False, True, False] * 3
+    assert len(redis.round_trips) == 1
+    ops = redis.round_trips[0]
+    assert ops[0][0] == "mget"
+    assert len(ops[0][1]) == 3
+    assert [(op[1], op[2]["s"]) for op in ops[1:]] == [
+        (sink.keys.stream(m), seq) for seq in range(3) for m in ("m1", "m2", "m3")
+    ]
+    assert [(r["value"]["message_id"], r["value"]["seq"]) for r in producer.sent] == [
+        (m, seq) for seq in range(3) for m in ("m1", "m2", "m3")
+    ]
+
+
+async def test_a_terminal_leaves_after_its_chunks_with_its_headers() -> None:
+    sink, _, producer = build()
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            for seq in range(4):
+                assert await sink.emit(chunk("m1", seq, tp)) is False
+            await sink.publish("s-m1", "chat.completed", {"message_id": "m1", "seq": 4}, tp)
+    finally:
+        await sink.stop(flush_timeout=1)
+    assert [r["value"]["seq"] for r in producer.sent] == [0, 1, 2, 3, 4]
+    assert [list(r["headers"]) for r in producer.sent] == [headers_for("chat.chunk", tp)] * 4 + [
+        headers_for("chat.completed", tp)
+    ]
+    assert {r["key"] for r in producer.sent} == {b"s-m1"}
+    assert len({r["partition"] for r in producer.sent}) == 1
+
+
+async def test_redis_away_reaches_every_emitter_of_the_batch() -> None:
+    sink, redis, producer = build()
+    redis.down = True
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(
+                *(sink.emit(chunk(m, 0)) for m in ("m1", "m2")), return_exceptions=True
+            )
+    finally:
+        await sink.stop(flush_timeout=1)
+    assert all(isinstance(r, Unavailable) for r in results)
+    assert producer.sent == []
+
+
+async def test_a_cancelled_emitter_leaves_the_others_of_its_batch_alone() -> None:
+    sink, _, producer = build()
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            doomed = asyncio.create_task(sink.emit(chunk("m1", 0)))
+            kept = asyncio.create_task(sink.emit(chunk("m2", 0)))
+            await asyncio.sleep(0)  # one loop step (no waiting): both are queued, not flushed
+            doomed.cancel()
+            assert await kept is False
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+            await sink._kafka.join()
+    finally:
+        await sink.stop(flush_timeout=1)
+    assert sorted(r["value"]["message_id"] for r in producer.sent) == ["m1", "m2"]
