@@ -8,13 +8,13 @@ import logging
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from redis.exceptions import RedisError
 
 from ai_consumer.interrupt import until_set
 from ai_consumer.llm import Provider, ProviderError
 from ai_consumer.registry import LocalStream, Registry
 from ai_consumer.sink import Outgoing, Sink
+from ai_consumer.tombstones import Tombstones
 from chatpipe.codec import now_rfc3339
 from chatpipe.errors import ChatpipeError
 from chatpipe.keys import cancel_record_key
@@ -38,7 +38,7 @@ class Handler:
         settings: Settings,
         state: State,
         sink: Sink,
-        producer: AIOKafkaProducer,
+        tombstones: Tombstones,
         provider: Provider,
         registry: Registry,
         metrics: Metrics,
@@ -49,7 +49,7 @@ class Handler:
         self.instance_id = settings.instance_id
         self.state = state
         self.sink = sink
-        self.producer = producer
+        self.tombstones = tombstones  # a cancelled message's cancel record, tombstoned after it
         self.provider = provider
         self.registry = registry
         self.metrics = metrics
@@ -273,11 +273,10 @@ class Handler:
             traceparent,
         )
         if final == "cancelled":
-            # the cancel has done its work: tombstone it so the compacted topic forgets it
-            await self.producer.send(
-                self.settings.cancels_topic,
-                None,
-                key=cancel_record_key(req.session_id, req.message_id).encode(),
+            # the cancel has done its work: tombstone it (after its record) so the compacted
+            # topic forgets it
+            self.tombstones.message_cancelled(
+                cancel_record_key(req.session_id, req.message_id).encode()
             )
         log.info("message %s", final, extra={**ids, "chunks": chunks})
         return final

@@ -12,10 +12,13 @@ from ai_consumer.handler import Handler
 from ai_consumer.llm.factory import make_provider
 from ai_consumer.registry import Registry
 from ai_consumer.sink import Sink
+from ai_consumer.tombstones import Tombstones
 from ai_consumer.wakeup import CancelWakeup
 from ai_consumer.worker import Worker
 from cancel_listener.listener import CancelListener
 from chatpipe.clients import make_consumer, make_producer, make_redis, verify_redis
+from chatpipe.gcwatch import GCWatch
+from chatpipe.keys import cancel_record_key
 from chatpipe.metrics import Metrics, serve_metrics
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
@@ -48,7 +51,12 @@ async def started(
         await cancels.start()
         sink = Sink(redis, state, producer, settings, metrics)
         sink.start()
-        handler = Handler(settings, state, sink, producer, provider, registry, metrics, tracing)
+
+        async def send_tombstone(key: bytes) -> object:
+            return await producer.send(settings.cancels_topic, None, key=key)
+
+        tombstones = Tombstones(send_tombstone)
+        handler = Handler(settings, state, sink, tombstones, provider, registry, metrics, tracing)
         worker = Worker(settings, consumer, producer, state, handler, registry, metrics)
 
         def interrupt(cancel: ChatCancel) -> None:
@@ -59,8 +67,13 @@ async def started(
                     extra={"message_id": cancel.message_id, "session_id": cancel.session_id},
                 )
 
+        def on_record(cancel: ChatCancel) -> None:
+            """A cancel record on chat.cancels (the wake-up below is not one)."""
+            interrupt(cancel)
+            tombstones.record_seen(cancel_record_key(cancel.session_id, cancel.message_id).encode())
+
         listener = CancelListener(
-            settings, cancels, redis, state, metrics, producer, on_cancel=interrupt
+            settings, cancels, redis, state, metrics, producer, on_cancel=on_record
         )
         # the api's Pub/Sub wake-up interrupts a local stream before chat.cancels arrives
         wakeup = CancelWakeup(redis, state.keys.cancel_wakeup(), interrupt)
@@ -70,6 +83,7 @@ async def started(
         finally:
             woken.cancel()
             await asyncio.gather(woken, return_exceptions=True)
+            await tombstones.close()
             await sink.stop()
     finally:
         for closer in (consumer.stop, cancels.stop, producer.stop, provider.aclose, redis.aclose):
@@ -95,6 +109,7 @@ async def _serve(settings: Settings, metrics: Metrics, tracing: Tracing) -> None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
         listen = asyncio.create_task(listener.run(), name="cancel-listener")
+        gc_watch = GCWatch(metrics).install()
         log.info(
             "ai_consumer %s started (group %s, topic %s, max %d streams)",
             settings.instance_id,
@@ -105,6 +120,7 @@ async def _serve(settings: Settings, metrics: Metrics, tracing: Tracing) -> None
         try:
             await worker.run()
         finally:
+            gc_watch.uninstall()
             listener.request_stop()
             listen.cancel()
             await asyncio.gather(listen, return_exceptions=True)

@@ -16,11 +16,13 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from chatpipe.keys import cancel_record_key
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
+from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import Api
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
 from tests.e2e.sse import SSEEvent, chunks, dones
+from tests.interop.stack import read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -202,3 +204,37 @@ async def test_cancel_published_to_kafka_by_a_spring_frontend(
     again = await a.cancel(session, message_id)
     assert again.status_code == 200
     assert again.json()["status"] == "cancelled"
+
+
+async def test_many_clicks_publish_one_cancel_then_its_tombstone(
+    apis: tuple[Api, Api], settings: Settings
+) -> None:
+    """What a storm of clicks leaves on the compacted chat.cancels topic: the first accepted
+    cancel is published once, later clicks (on either api, during the stream or after it ended)
+    get the same answer and publish nothing, and the consumer's tombstone comes after the
+    record (ai_consumer/tombstones.py), so compaction forgets the cancel."""
+    a, b = apis
+    session = new_session()
+    message_id = (await a.chat(session))["message_id"]
+    key = cancel_record_key(session, message_id).encode()
+    async with b.stream(message_id) as stream:
+        stream.record()
+        await stream.wait_for(lambda evs: len(chunks(evs)) >= 2, within=10, what="2 chunks")
+        during = await asyncio.gather(*(api.cancel(session, message_id) for api in (a, b) * 5))
+        done = await stream.wait_done(within=5)
+    after = [await api.cancel(session, message_id) for api in (a, b)]  # it has ended now
+
+    assert done.json()["status"] == "cancelled"
+    for answer in (*during, *after):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "cancelled"
+
+    async def tombstoned() -> list[bytes | None] | None:
+        values = [
+            r.value for r in await read_topic(settings, settings.cancels_topic) if r.key == key
+        ]
+        return values if values and values[-1] is None else None
+
+    values = await apoll("the tombstone of the cancel", tombstoned, within=15)
+    assert len(values) == 2, f"expected one cancel record then its tombstone, got {values}"
+    assert values[0] is not None
