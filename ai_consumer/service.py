@@ -18,7 +18,6 @@ from ai_consumer.worker import Worker
 from cancel_listener.listener import CancelListener
 from chatpipe.clients import make_consumer, make_producer, make_redis, verify_redis
 from chatpipe.gcwatch import GCWatch
-from chatpipe.keys import cancel_record_key
 from chatpipe.metrics import Metrics, serve_metrics
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
@@ -67,13 +66,15 @@ async def started(
                     extra={"message_id": cancel.message_id, "session_id": cancel.session_id},
                 )
 
-        def on_record(cancel: ChatCancel) -> None:
-            """A cancel record on chat.cancels (the wake-up below is not one)."""
-            interrupt(cancel)
-            tombstones.record_seen(cancel_record_key(cancel.session_id, cancel.message_id).encode())
-
         listener = CancelListener(
-            settings, cancels, redis, state, metrics, producer, on_cancel=on_record
+            settings,
+            cancels,
+            redis,
+            state,
+            metrics,
+            producer,
+            on_cancel=interrupt,
+            on_record=tombstones.record_seen,
         )
         # the api's Pub/Sub wake-up interrupts a local stream before chat.cancels arrives
         wakeup = CancelWakeup(redis, state.keys.cancel_wakeup(), interrupt)

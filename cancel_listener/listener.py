@@ -31,6 +31,7 @@ from chatpipe.unreadable import DECODE_ERRORS, isolate
 log = logging.getLogger(__name__)
 
 OnCancel = Callable[[ChatCancel], None]
+OnRecord = Callable[[bytes], None]
 
 
 class CancelListener:
@@ -44,6 +45,7 @@ class CancelListener:
         producer: AIOKafkaProducer,
         on_cancel: OnCancel | None = None,
         tombstone_final: bool = False,
+        on_record: OnRecord | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.cancels_topic
@@ -54,6 +56,9 @@ class CancelListener:
         self.producer = producer  # metadata lookups; tombstones when tombstone_final
         self.tombstone_final = tombstone_final  # tombstone cancels of messages already final
         self.on_cancel = on_cancel
+        # the key of every cancel record in the topic, replayed or live, valid or not (the
+        # ai_consumer tombstones a cancel only once its record is in: ai_consumer/tombstones.py)
+        self.on_record = on_record
         self.replayed = asyncio.Event()  # set after each complete replay
         self.replays = 0
         self._stopping = asyncio.Event()
@@ -158,9 +163,11 @@ class CancelListener:
                 if r.key is not None:
                     latest[r.key] = r.value
         cancels = []
-        for value in latest.values():
+        for key, value in latest.items():
             if value is None:
                 continue  # tombstone: the message is final
+            if self.on_record is not None:
+                self.on_record(key)
             try:
                 cancels.append(parse_cancel(value))
             except InvalidRecord as e:
@@ -175,6 +182,8 @@ class CancelListener:
         for r in records:
             if r.value is None:
                 continue
+            if self.on_record is not None and r.key is not None:
+                self.on_record(r.key)
             try:
                 cancel = parse_cancel(r.value)
             except InvalidRecord as e:

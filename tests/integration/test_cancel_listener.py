@@ -47,14 +47,25 @@ Mirrored = asyncio.Queue[tuple[str, list[str]]]
 
 @contextlib.asynccontextmanager
 async def running_listener(
-    settings: Settings, redis: Redis, state: State, seen: list[ChatCancel]
+    settings: Settings,
+    redis: Redis,
+    state: State,
+    seen: list[ChatCancel],
+    records: list[bytes] | None = None,
 ) -> AsyncIterator[tuple[CancelListener, Mirrored, asyncio.Task[None]]]:
     consumer = make_consumer(settings, group_id=None)
     producer = make_producer(settings)
     await producer.start()
     await consumer.start()
     listener = CancelListener(
-        settings, consumer, redis, state, Metrics(), producer, on_cancel=seen.append
+        settings,
+        consumer,
+        redis,
+        state,
+        Metrics(),
+        producer,
+        on_cancel=seen.append,
+        on_record=None if records is None else records.append,
     )
     done: Mirrored = asyncio.Queue()
     original = listener._mirror
@@ -139,10 +150,21 @@ async def test_replay_on_start_restores_flags_of_live_cancels_only(
     await producer.send_and_wait(topic, b"not json at all", key=b"s-8:m-garbage")
 
     seen: list[ChatCancel] = []
-    async with running_listener(conf, redis, state, seen) as (listener, _, task):
+    records: list[bytes] = []
+    async with running_listener(conf, redis, state, seen, records) as (listener, _, task):
         async with asyncio.timeout(TIMEOUT):
             await listener.replayed.wait()
         assert await flags(redis, conf) == {"m-queued", "m-streaming", "m-spring-only", "m-dup"}
+        # every key whose record is still in the topic (tombstoned ones not), garbage included:
+        # an ai_consumer tombstones a cancel only once it knows its record is in
+        assert sorted(records) == [
+            b"s-1:m-queued",
+            b"s-2:m-streaming",
+            b"s-3:m-done",
+            b"s-4:m-spring-only",
+            b"s-5:m-dup",
+            b"s-8:m-garbage",
+        ]
         keys = state.keys
         assert 7100 < await redis.ttl(keys.cancel("s-1", "m-queued")) <= 7200
         assert 0 < await redis.ttl(keys.cancel("s-2", "m-streaming")) <= 60
@@ -156,13 +178,15 @@ async def test_live_cancel_reaches_on_cancel_and_sets_the_flag(
     conf: Settings, redis: Redis, state: State, producer: AIOKafkaProducer
 ) -> None:
     seen: list[ChatCancel] = []
-    async with running_listener(conf, redis, state, seen) as (listener, done, task):
+    records: list[bytes] = []
+    async with running_listener(conf, redis, state, seen, records) as (listener, done, task):
         async with asyncio.timeout(TIMEOUT):
             await listener.replayed.wait()
         assert await flags(redis, conf) == set()
         await state.accept("m-1", "s-1", "u", NOW)
         await cancel(producer, conf.cancels_topic, "s-1", "m-1", "user clicked stop")
         assert await wait_mirrored(done, "m-1") == "live"
+        assert records == [b"s-1:m-1"]
         assert [(c.session_id, c.message_id, c.reason) for c in seen] == [
             ("s-1", "m-1", "user clicked stop")
         ]
