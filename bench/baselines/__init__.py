@@ -8,21 +8,25 @@
   that message.
 
 Both read the chatpipe settings from the environment (API_PORT, SIM_TOKENS, SIM_TOKEN_DELAY_MS,
-SIM_FIRST_TOKEN_DELAY_MS, REDIS_URL, KEY_PREFIX) and use the same simulator and SSE library as
-chatpipe, so only the architecture differs. Their SSE events have chatpipe's shapes: `chunk`
+SIM_FIRST_TOKEN_DELAY_MS, REDIS_URL, KEY_PREFIX) and use the same simulator and the same SSE
+response (api/sse.py, with chatpipe's heartbeat and send timeout) as chatpipe, so only the
+architecture differs. Their SSE events have chatpipe's shapes: `chunk`
 {seq, delta, at} from seq 1, then one `done` {status}.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import uvicorn
 from fastapi import FastAPI
-from sse_starlette import EventSourceResponse
 
-from chatpipe.schemas import ChatBody, ChatRequest, rfc3339, utcnow
+from api.sse import SSEResponse
+from chatpipe.codec import now_rfc3339
+from chatpipe.schemas import ChatBody, ChatRequest
 from chatpipe.settings import Settings
 
 
@@ -37,7 +41,7 @@ def request_of(body: ChatBody, fallback_id: str) -> ChatRequest:
 
 
 def now() -> str:
-    return rfc3339(utcnow())
+    return now_rfc3339()  # as chatpipe stamps its chunks
 
 
 def chunk(seq: int, delta: str, at: str) -> dict[str, Any]:
@@ -50,13 +54,28 @@ def done(seq: int, status: str) -> dict[str, Any]:
     return {"event": "done", "id": str(seq), "data": orjson.dumps({"status": status}).decode()}
 
 
-def sse(settings: Settings, events: Any) -> EventSourceResponse:
-    """The same response settings as chatpipe's api (api/routes.py)."""
-    return EventSourceResponse(
-        events,
-        ping=settings.sse_heartbeat_s,
-        send_timeout=settings.sse_send_timeout_s,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+async def _encoded(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The SSE text of each event, as chatpipe's api writes it (api/service.py)."""
+    async with contextlib.aclosing(events) as source:  # type: ignore[type-var]
+        async for e in source:
+            yield b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n" % (
+                e["id"].encode(),
+                e["event"].encode(),
+                e["data"].encode(),
+            )
+
+
+async def _nothing_to_release() -> None:
+    return None
+
+
+def sse(settings: Settings, events: AsyncIterator[dict[str, Any]]) -> SSEResponse:
+    """chatpipe's SSE response (api/sse.py) with the api's settings (api/routes.py)."""
+    return SSEResponse(
+        _encoded(events),
+        _nothing_to_release,
+        heartbeat_s=settings.sse_heartbeat_s,
+        send_timeout_s=settings.sse_send_timeout_s,
     )
 
 

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from sse_starlette import EventSourceResponse
 
 from ai_consumer.interrupt import until_set
 from ai_consumer.llm.factory import make_provider
+from api.sse import SSEResponse
 from bench.baselines import chunk, done, now, request_of, serve, sse
 from chatpipe.schemas import CancelBody, ChatBody
 from chatpipe.settings import Settings
@@ -30,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     finished: OrderedDict[str, None] = OrderedDict()
 
     @app.post("/chat")
-    async def chat(body: ChatBody) -> EventSourceResponse:
+    async def chat(body: ChatBody) -> SSEResponse:
         req = request_of(body, uuid.uuid4().hex)
         cancelled = flags.setdefault(req.message_id, asyncio.Event())
 

@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from sse_starlette import EventSourceResponse
 
 from ai_consumer.llm.factory import make_provider
+from api.sse import SSEResponse
 from bench.baselines import chunk, done, now, request_of, serve, sse
 from chatpipe.clients import make_redis
 from chatpipe.keys import Keys
@@ -40,7 +40,7 @@ def create_app(settings: Settings, check_every: int) -> FastAPI:
     app = FastAPI(title=f"bench seed baseline (flag every {check_every} chunk)")
 
     @app.post("/chat")
-    async def chat(body: ChatBody) -> EventSourceResponse:
+    async def chat(body: ChatBody) -> SSEResponse:
         req = request_of(body, uuid.uuid4().hex)
         active = keys.active(req.session_id)
         flag = keys.cancel(req.session_id, req.message_id)
