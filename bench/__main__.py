@@ -29,7 +29,9 @@ def parse(argv: list[str]) -> Params:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="a short end-to-end check (CI)")
     ap.add_argument("--compare-n", type=int, help="concurrency of the comparison (200)")
-    ap.add_argument("--sweep", type=_ints, help="concurrencies of the sweep (50,100,200,500,1000)")
+    ap.add_argument(
+        "--sweep", type=_ints, help="concurrencies of the sweep (50,100,200,300,400,500,1000)"
+    )
     ap.add_argument("--systems", type=_names, help=f"systems to run ({','.join(SYSTEMS)})")
     ap.add_argument("--sweep-systems", type=_names, help="systems swept (chatpipe,limit,seed)")
     ap.add_argument("--duration", type=float, help="seconds of load per run (20)")
@@ -121,6 +123,8 @@ def parse(argv: list[str]) -> Params:
         p.variants[name] = variant
     if a.no_silence:
         p.silence = False
+    if a.no_burst:
+        p.burst = False
     if a.no_profile:
         p.profile = False
     if a.keep_going:

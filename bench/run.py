@@ -47,7 +47,7 @@ SYSTEMS = ("chatpipe", "limit", "seed", "seed10")
 class Params:
     smoke: bool = False
     compare_n: int = 200
-    sweep: list[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])
+    sweep: list[int] = field(default_factory=lambda: [50, 100, 200, 300, 400, 500, 1000])
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     sweep_systems: list[str] = field(default_factory=lambda: ["chatpipe", "limit", "seed"])
     duration_s: float = 20.0
