@@ -13,23 +13,17 @@ from api.sse import SEND_SAFE_LAYERS, stack_layers
 from api.stalled import DropStalledClients
 from chatpipe.settings import Settings
 
-KNOWN_STACK = [
-    ("api.stalled", "DropStalledClients"),
-    ("starlette.middleware.errors", "ServerErrorMiddleware"),
-    ("fastapi.telemetry._asgi", "ExceptionTelemetryMiddleware"),
-    ("fastapi._body_limit", "AppBodyLimitMiddleware"),
-    ("starlette.middleware.cors", "CORSMiddleware"),
-    ("api.middleware", "RequestCounter"),
-    ("starlette.middleware.exceptions", "ExceptionMiddleware"),
-    ("fastapi.middleware.asyncexitstack", "AsyncExitStackMiddleware"),
-]
+CORS = ("starlette.middleware.cors", "CORSMiddleware")
 
 
 @pytest.mark.parametrize("cors", ["", "https://chat.example"])
 def test_the_app_stack_is_the_known_one_and_bodies_skip_it(cors: str) -> None:
     stack = create_app(Settings(cors_allow_origins=cors)).build_middleware_stack()
-    expected = [k for k in KNOWN_STACK if cors or k[1] != "CORSMiddleware"]
-    assert stack_layers(stack) == expected
+    layers = stack_layers(stack)
+    # every layer is a known one, once, and all of them are there (CORS only when configured):
+    # a new layer fails here until someone looks at what it does with bodies
+    assert len(layers) == len(set(layers))
+    assert set(layers) == (SEND_SAFE_LAYERS if cors else SEND_SAFE_LAYERS - {CORS})
     assert isinstance(stack, DropStalledClients)
     assert stack.raw_send
 
