@@ -42,7 +42,9 @@ class FakePipe:
 
     async def execute(self) -> list[Any]:
         self.redis.round_trips.append(self.ops)
-        await asyncio.sleep(0)
+        await asyncio.sleep(
+            0
+        )  # sleep-ok: the round trip yields to the loop once, as a real one does
         if self.redis.down:
             raise ConnectionError("redis is away")
         out: list[Any] = []
@@ -174,7 +176,7 @@ async def test_a_cancelled_emitter_leaves_the_others_of_its_batch_alone() -> Non
         async with asyncio.timeout(5):
             doomed = asyncio.create_task(sink.emit(chunk("m1", 0)))
             kept = asyncio.create_task(sink.emit(chunk("m2", 0)))
-            await asyncio.sleep(0)  # one loop step (no waiting): both are queued, not flushed
+            await asyncio.sleep(0)  # sleep-ok: one loop step (no waiting): both queued, not flushed
             doomed.cancel()
             assert await kept is False
             with pytest.raises(asyncio.CancelledError):
