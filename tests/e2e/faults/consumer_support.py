@@ -102,25 +102,27 @@ def kafka_checks(message_id: str, events: list[Event]) -> list[Event]:
     return mine
 
 
-async def states(redis: Redis, settings: Settings, message_ids: Iterable[str]) -> dict[str, str]:
-    """The `chat:msg:{id}` state of each message ("" when it has none), one round trip."""
+async def msg_field(
+    redis: Redis, settings: Settings, message_ids: Iterable[str], field: str
+) -> dict[str, str]:
+    """One field of each message's `chat:msg:{id}` ("" when it has none), one round trip."""
     keys = Keys.from_settings(settings)
     ids = list(message_ids)
     async with redis.pipeline(transaction=False) as pipe:
         for m in ids:
-            pipe.hget(keys.msg(m), "state")
+            pipe.hget(keys.msg(m), field)
         values = await pipe.execute()
     return {m: (v.decode() if v is not None else "") for m, v in zip(ids, values, strict=True)}
+
+
+async def states(redis: Redis, settings: Settings, message_ids: Iterable[str]) -> dict[str, str]:
+    """The state of each message ("" when it has none)."""
+    return await msg_field(redis, settings, message_ids, "state")
 
 
 async def owners(redis: Redis, settings: Settings, message_ids: Iterable[str]) -> dict[str, str]:
-    keys = Keys.from_settings(settings)
-    ids = list(message_ids)
-    async with redis.pipeline(transaction=False) as pipe:
-        for m in ids:
-            pipe.hget(keys.msg(m), "owner")
-        values = await pipe.execute()
-    return {m: (v.decode() if v is not None else "") for m, v in zip(ids, values, strict=True)}
+    """The instance that owns (or owned) each message."""
+    return await msg_field(redis, settings, message_ids, "owner")
 
 
 async def group_offsets(settings: Settings) -> tuple[dict[int, int], dict[int, int]]:
