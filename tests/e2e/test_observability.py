@@ -12,7 +12,6 @@ listener serve /metrics on a free port each (METRICS_PORT=0) and log it, which
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import json
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -31,6 +29,7 @@ from tests.e2e.cluster import Cluster, Proc, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
 from tests.e2e.sse import chunks
+from tests.interop.stack import headers_of, read_topic
 from tests.support.services import Services
 
 pytestmark = pytest.mark.e2e
@@ -285,34 +284,16 @@ def _owner(consumers: list[Proc], message_id: str) -> Proc | None:
 
 
 async def request_headers(settings: Settings, session: str, message_id: str) -> dict[str, str]:
-    """The headers of the chat.requests record of `message_id` (key = its session)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
-    try:
-        parts = [
-            TopicPartition(settings.requests_topic, p) for p in range(settings.topic_partitions)
-        ]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        async with asyncio.timeout(15):
-            while True:
-                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-                for records in batch.values():
-                    for r in records:
-                        if (
-                            r.key == session.encode()
-                            and r.value is not None
-                            and json.loads(r.value).get("message_id") == message_id
-                        ):
-                            return {k: v.decode() for k, v in r.headers or ()}
-    finally:
-        await consumer.stop()
+    """The headers of the chat.requests record of `message_id` (key = its session); called
+    after the 202, which the api answers once the record is acked."""
+    for r in await read_topic(settings, settings.requests_topic):
+        if (
+            r.key == session.encode()
+            and r.value is not None
+            and json.loads(r.value).get("message_id") == message_id
+        ):
+            return headers_of(r)
+    raise AssertionError(f"no chat.requests record of {message_id}")
 
 
 async def traced_chat(api_url: str, settings: Settings) -> tuple[str, dict[str, str], list[str]]:
