@@ -61,15 +61,17 @@ PAYLOAD_SCHEMA_FORMAT = "application/schema+json;version=draft-2020-12"
 ASYNCAPI_VERSION = "3.0.0"
 KAFKA_BINDING_VERSION = "0.5.0"
 # 1.1.0: null is read as absent on input (chatpipe.schemas.InputModel); records unchanged
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.1.0"
+# 1.2.0: each id in a cancel's key (and its Redis flag) has `%` and `:` escaped (chatpipe.keys)
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.2.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"
 SCHEMA_SUFFIX = ".schema.json"
 
 TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
-# a cancel's key is `{session_id}:{message_id}`; both ids may themselves contain ":"
-CANCEL_KEY_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}:[A-Za-z0-9_.:@-]{1,128}$"
+# a cancel's key is `{session_id}:{message_id}`, each id with `%` and `:` escaped (`%25`, `%3A`)
+_KEY_PART = r"(?:[A-Za-z0-9_.@-]|%3A|%25){1,384}"
+CANCEL_KEY_PATTERN = rf"^{_KEY_PART}:{_KEY_PART}$"
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,8 @@ MESSAGES: tuple[Message, ...] = (
         "chatCancel",
         "Stop the answer to one message.",
         "Written by the api (`POST /api/cancel`) and by other producers; key "
-        "`{session_id}:{message_id}` on the compacted topic, tombstoned (null value, same key) "
+        "`{session_id}:{message_id}` (in each id `%` written `%25` and `:` written `%3A`) on the "
+        "compacted topic, tombstoned (null value, same key) "
         "once the message is final. Every cancel listener reads every partition. A cancel that "
         "arrives before the request is consumed means the answer never starts.",
     ),
@@ -492,7 +495,8 @@ def _message(message: Message) -> Json:
         key = {
             "type": "string",
             "pattern": CANCEL_KEY_PATTERN,
-            "description": "`{session_id}:{message_id}`",
+            "description": "`{session_id}:{message_id}`, in each id `%` written `%25` and `:` "
+            "written `%3A` (an id without either is written as it is)",
         }
     msg_examples = []
     for i, (summary, payload) in enumerate(examples(message)):

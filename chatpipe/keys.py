@@ -2,7 +2,9 @@
 
 With the default empty prefix the keys are the contract's: the seed's two keys verbatim
 (`chat:active:{session_id}`, `chat:cancel:{session_id}:{message_id}`), plus the message state
-and the per-message event stream.
+and the per-message event stream. The one key made of two ids (the cancel flag, and the cancel
+record's key on Kafka) escapes each id with `part` (contract 1.2.0), so it names one pair only;
+every other key holds a single id after a fixed prefix, so it cannot collide.
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ RESPONSES = "chat.responses"
 DLQ = "chat.requests.dlq"
 
 
+def part(value: str) -> str:
+    """One id as a part of a composite key: `%` and the separator `:` escaped (`%25`, `%3A`),
+    so that two different (session_id, message_id) pairs never join into one key (session
+    `s:42` + message `abc` and session `s` + message `42:abc` both joined into `s:42:abc`).
+    An id without either character, as every id of contract 1.x before 1.2 in practice, is
+    kept as it is: its keys are the same as before."""
+    if ":" not in value and "%" not in value:
+        return value
+    return value.replace("%", "%25").replace(":", "%3A")
+
+
 def cancel_record_key(session_id: str, message_id: str) -> str:
     """Key of a record on the compacted cancels topic: one live value per message."""
-    return f"{session_id}:{message_id}"
+    return f"{part(session_id)}:{part(message_id)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +50,7 @@ class Keys:
 
     def cancel(self, session_id: str, message_id: str) -> str:
         """The cancel flag, "1" (the seed's key)."""
-        return f"{self.prefix}chat:cancel:{session_id}:{message_id}"
+        return f"{self.prefix}chat:cancel:{cancel_record_key(session_id, message_id)}"
 
     def msg(self, message_id: str) -> str:
         """Hash with the message state, owner, session, user."""

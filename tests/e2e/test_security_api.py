@@ -269,6 +269,40 @@ async def test_foreign_records_on_kafka_change_nothing(
     assert [e["type"] for e in terminal(seen, alice_kafka_mid)] == ["chat.cancelled"]
 
 
+# --- ids that contain the key separator ----------------------------------------------------
+async def test_a_cancel_cannot_reach_another_users_message_through_a_colon_in_the_ids(
+    as_user: Clients, settings: Settings, redis: Redis
+) -> None:
+    """Session `b:42` + message `abc` (alice) and session `b` + message `42:abc` (mallory)
+    joined with ':' name one key; mallory's cancel of hers must not cancel alice's answer."""
+    alice, mallory = as_user(new_user("alice")), as_user(new_user("mallory"))
+    base, tail = new_session(), f"abc{uuid.uuid4().hex[:6]}"
+    alice_session, alice_mid = f"{base}:42", tail
+    mallory_session, mallory_mid = base, f"42:{tail}"
+    # mallory's message waits in her session's lane behind a long answer, and she cancels it
+    blocker = await chat(mallory[0], mallory_session)
+    await chat(mallory[0], mallory_session, message_id=mallory_mid)
+    cancelled = await mallory[1].post(
+        "/api/cancel", json={"session_id": mallory_session, "message_id": mallory_mid}
+    )
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+
+    # alice's message, sent after that, is answered whole
+    accepted = await chat(alice[1], alice_session, message_id=alice_mid)
+    async with SSEStream(alice[0], f"/api/chat/{accepted['message_id']}/stream") as stream:
+        assert_whole_answer(await stream.until_done(within=30))
+    # mallory's ended cancelled, with no chunk (her long answer before it is stopped too)
+    await mallory[0].post(
+        "/api/cancel", json={"session_id": mallory_session, "message_id": blocker["message_id"]}
+    )
+    async with SSEStream(mallory[1], f"/api/chat/{mallory_mid}/stream") as stream:
+        events = await stream.until_done(within=30)
+    assert chunks(events) == []
+    assert [d.json()["status"] for d in dones(events)] == ["cancelled"]
+    keys = Keys.from_settings(settings)
+    assert keys.cancel(alice_session, alice_mid) != keys.cancel(mallory_session, mallory_mid)
+
+
 # --- 2. stream tokens ----------------------------------------------------------------------
 async def test_stream_tokens_expired_tampered_or_for_another_message_are_rejected(
     as_user: Clients,

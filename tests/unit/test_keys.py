@@ -39,3 +39,28 @@ def test_cancel_record_key_and_topic_names_are_the_contract_ones() -> None:
     assert cancel_record_key("s-1", "m-1") == "s-1:m-1"
     assert (keys_module.REQUESTS, keys_module.CANCELS) == ("chat.requests", "chat.cancels")
     assert (keys_module.RESPONSES, keys_module.DLQ) == ("chat.responses", "chat.requests.dlq")
+
+
+def test_ids_with_the_separator_name_different_keys() -> None:
+    k = Keys()
+    alice, mallory = ("s:42", "abc"), ("s", "42:abc")
+    assert k.cancel(*alice) != k.cancel(*mallory)
+    assert cancel_record_key(*alice) != cancel_record_key(*mallory)
+    assert cancel_record_key(*alice) == "s%3A42:abc"
+    assert cancel_record_key(*mallory) == "s:42%3Aabc"
+    assert k.cancel(*mallory) == "chat:cancel:s:42%3Aabc"
+    # '%' is escaped too, so an escaped id cannot pass for another one
+    assert cancel_record_key("a%3A", "b") != cancel_record_key("a:", "b")
+
+
+def test_composite_keys_are_injective_over_the_id_alphabet() -> None:
+    """Every pair of ids from the contract's alphabet gives its own key (exhaustive over short
+    ids made of the characters that matter)."""
+    import itertools
+
+    alphabet = ["a", ":", "%", "0"]
+    ids = ["".join(p) for n in range(1, 4) for p in itertools.product(alphabet, repeat=n)]
+    seen: dict[str, tuple[str, str]] = {}
+    for pair in itertools.product(ids, repeat=2):
+        key = cancel_record_key(*pair)
+        assert seen.setdefault(key, pair) == pair, (key, seen[key], pair)
