@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from api.auth import Authenticator, Forbidden, Unauthenticated, secure_openapi
-from api.hub import Hub
+from api.hub import Hub, InvalidStreamId
 from api.limits import Full, Limited, RateLimiter, StreamLimits
 from api.middleware import RequestCounter
 from api.readiness import Readiness
@@ -31,6 +31,7 @@ from chatpipe.tracing import make_tracing
 log = logging.getLogger(__name__)
 
 STATUS = {
+    InvalidStreamId: 400,
     Unauthenticated: 401,
     Forbidden: 403,
     Conflict: 409,

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from chatpipe.errors import ChatpipeError
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
 
@@ -36,10 +38,37 @@ StreamId = tuple[int, int]
 Entry = tuple[str, dict[bytes, bytes]]  # (id, fields)
 
 
+U64_MAX = 2**64 - 1
+# what Redis itself writes: `<ms>-<seq>`; a plain `<ms>` is read as `<ms>-0` (as XREAD does)
+_CLIENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+
+
+class InvalidStreamId(ChatpipeError):
+    """A client's Last-Event-ID is not a Redis stream id: 400, fix the header or drop it."""
+
+
 def parse_id(value: str | bytes) -> StreamId:
+    """An id Redis wrote (trusted: no checks)."""
     text = value.decode() if isinstance(value, bytes) else value
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+def parse_client_id(text: str) -> StreamId:
+    """A client's Last-Event-ID: `<ms>-<seq>` or `<ms>`, decimal digits only, each part an
+    unsigned 64-bit integer (what Redis accepts as a stream id); InvalidStreamId otherwise.
+    Such an id can never make Redis reject the hub's shared read."""
+    found = _CLIENT_ID.fullmatch(text)
+    if found is not None:
+        ms, seq = int(found.group(1)), int(found.group(2) or 0)
+        if ms <= U64_MAX and seq <= U64_MAX:
+            return ms, seq
+    shown = text if len(text) <= 60 else text[:60] + "..."
+    raise InvalidStreamId(
+        f"Last-Event-ID {shown!r} is not a stream id: send the `id:` of the last event received"
+        " (`<ms>-<seq>`, each an unsigned 64-bit decimal integer), or no Last-Event-ID to start"
+        " from the beginning"
+    )
 
 
 def format_id(sid: StreamId) -> str:
@@ -139,10 +168,14 @@ class Hub:
 
     async def subscribe(self, message_id: str, after: StreamId) -> Subscription:
         sub = Subscription(message_id, after, asyncio.Queue(self.queue_size))
+        start = after
+        if message_id not in self._cursors and after != (0, 0):
+            start = await self._start_at(message_id, after)
+        # no await from here to the cursor's update: a concurrent subscribe sees it set
         cursor = self._cursors.get(message_id)
         self._subs.setdefault(message_id, set()).add(sub)
         if cursor is None:
-            self._cursors[message_id] = format_id(after)
+            self._cursors[message_id] = format_id(start)
             self._stream_keys[message_id] = self.keys.stream(message_id)
             await self._wake()
         elif parse_id(cursor) > after:
@@ -156,6 +189,17 @@ class Hub:
             )
             sub.backlog = [(i.decode(), f) for i, f in raw]
         return sub
+
+    async def _start_at(self, message_id: str, after: StreamId) -> StreamId:
+        """The hub's first cursor for a message: `after`, but never past the stream's last
+        entry. The cursor is shared by every client of the message: one that joins first with
+        an id from the future (valid, but later than anything written) would otherwise hold
+        back every later client of it, who would get its backlog and then nothing."""
+        last = cast(
+            list[tuple[bytes, Any]],
+            await self.writer.xrevrange(self.keys.stream(message_id), count=1),
+        )
+        return min(after, parse_id(last[0][0])) if last else (0, 0)
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.message_id)
@@ -200,6 +244,18 @@ class Hub:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
+            except ResponseError as e:
+                # Redis refused the command (it did answer): if one watched stream is the
+                # cause, only its clients end; the others are read again at once
+                if self._stopping:
+                    return
+                if await self._isolate(read_from, e):
+                    continue
+                self.healthy = False
+                log.warning("sse hub read refused, retrying in %.1fs: %s", backoff, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             except Exception as e:
                 if self._stopping:
                     return
@@ -209,6 +265,43 @@ class Hub:
                 backoff = min(backoff * 2, 2.0)
                 continue
             self._dispatch(reply, read_from)
+
+    async def _isolate(self, read_from: dict[str, str], error: ResponseError) -> bool:
+        """After Redis refused the shared XREAD: read each stream of it alone (no BLOCK) and end
+        the clients of every stream Redis refuses to read. True when at least one was found
+        (the rest are fine to read together again)."""
+        bad: list[str] = []
+        for message_id, cursor in read_from.items():
+            key = self._stream_keys.get(message_id)
+            if key is None:
+                continue
+            try:
+                await self.reader.execute_command(  # type: ignore[no-untyped-call]
+                    "XREAD", b"COUNT", b"1", b"STREAMS", key, cursor
+                )
+            except ResponseError as e:
+                log.warning(
+                    "sse hub: Redis refuses to read this message's stream after %s (%s): its"
+                    " clients are ended, the other streams go on",
+                    cursor,
+                    e,
+                    extra={"message_id": message_id},
+                )
+                bad.append(message_id)
+        for message_id in bad:
+            self._end(message_id)
+        if not bad:
+            log.warning("sse hub read refused for no single stream: %s", error)
+        return bool(bad)
+
+    def _end(self, message_id: str) -> None:
+        """End every client of one message now (their iterators see None and stop)."""
+        for sub in list(self._subs.get(message_id, ())):
+            self.unsubscribe(sub)
+            try:
+                sub.queue.put_nowait(None)
+            except asyncio.QueueFull:
+                sub.overflowed = True  # it ends once it has drained its queue
 
     def _xread(self, read_from: dict[str, str]) -> Awaitable[Any]:
         """XREAD BLOCK of the wake-up stream and of every stream in `read_from` (message id →

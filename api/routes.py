@@ -87,7 +87,12 @@ async def post_chat(body: ChatBody, request: Request, caller: Caller) -> ChatAcc
 @router.get(
     "/api/chat/{message_id}/stream",
     tags=["chat"],
-    responses={**NOT_FOUND_DOC, **AUTH_DOC, **LIMIT_DOC},
+    responses={
+        400: {"description": "Last-Event-ID is not a stream id (`<ms>-<seq>`, unsigned 64-bit)"},
+        **NOT_FOUND_DOC,
+        **AUTH_DOC,
+        **LIMIT_DOC,
+    },
     response_class=SSEResponse,
 )
 async def get_stream(

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import orjson
 
 from api.auth import Forbidden, Principal
-from api.hub import Hub, parse_id
+from api.hub import Hub, parse_client_id, parse_id
 from api.limits import RateLimiter, Slot, StreamLimits
 from chatpipe.clients import ProducerHandle
 from chatpipe.codec import headers_for
@@ -249,12 +249,12 @@ class ChatService:
         caller: Principal | None,
         slot: Slot | None,
     ) -> tuple[AsyncIterator[bytes], Slot]:
-        after = (0, 0)
-        if last_event_id:
-            try:
-                after = parse_id(last_event_id.strip())
-            except ValueError:
-                after = (0, 0)
+        # absent or blank (an EventSource whose last event had no id): from the start
+        after = (
+            parse_client_id(last_event_id.strip())
+            if last_event_id and last_event_id.strip()
+            else (0, 0)
+        )
         if not await self._bounded("redis", self._wait_exists(message_id)):
             raise NotFound(f"no message {message_id}")
         if caller is not None and self._enforce(caller):
