@@ -8,6 +8,7 @@ import logging
 import signal
 
 from cancel_listener.listener import CancelListener
+from cancel_listener.sweeper import CancelSweeper
 from chatpipe.clients import make_consumer, make_producer, make_redis, verify_redis
 from chatpipe.entry import run_service
 from chatpipe.gcwatch import GCWatch, freeze_startup
@@ -29,8 +30,22 @@ async def serve(settings: Settings) -> None:
     await consumer.start()
     try:
         await verify_redis(redis, settings)  # a refused Redis login fails start-up, clearly
+        state = State(redis, settings)
+        sweeper = None
+        if settings.cancel_sweep_interval_s > 0:
+
+            async def send_tombstone(key: bytes) -> object:
+                return await producer.send(settings.cancels_topic, None, key=key)
+
+            sweeper = CancelSweeper(
+                state,
+                send_tombstone,
+                metrics,
+                max_age_s=settings.cancel_record_max_age_s,
+                interval_s=settings.cancel_sweep_interval_s,
+            )
         listener = CancelListener(
-            settings, consumer, redis, State(redis, settings), metrics, producer
+            settings, consumer, redis, state, metrics, producer, sweeper=sweeper
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

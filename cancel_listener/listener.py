@@ -19,9 +19,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cancel_listener.sweeper import CancelSweeper, Seen
 from chatpipe.codec import parse_cancel
 from chatpipe.errors import InvalidRecord
-from chatpipe.keys import cancel_record_key
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
@@ -44,7 +44,7 @@ class CancelListener:
         metrics: Metrics,
         producer: AIOKafkaProducer,
         on_cancel: OnCancel | None = None,
-        tombstone_final: bool = False,
+        sweeper: CancelSweeper | None = None,
         on_record: OnRecord | None = None,
     ) -> None:
         self.settings = settings
@@ -53,8 +53,9 @@ class CancelListener:
         self.redis = redis
         self.state = state
         self.metrics = metrics
-        self.producer = producer  # metadata lookups; tombstones when tombstone_final
-        self.tombstone_final = tombstone_final  # tombstone cancels of messages already final
+        self.producer = producer  # metadata lookups
+        # the standalone listener's: tombstones the records whose work is done (sweeper.py)
+        self.sweeper = sweeper
         self.on_cancel = on_cancel
         # the key of every cancel record in the topic, replayed or live, valid or not (the
         # ai_consumer tombstones a cancel only once its record is in: ai_consumer/tombstones.py)
@@ -84,6 +85,17 @@ class CancelListener:
     async def run(self) -> None:
         await self._assign()
         await self._replay()
+        if self.sweeper is None:
+            await self._tail()
+            return
+        sweeping = asyncio.create_task(self.sweeper.run(self._stopping), name="cancel-sweeper")
+        try:
+            await self._tail()
+        finally:
+            self._stopping.set()
+            await sweeping
+
+    async def _tail(self) -> None:
         next_check = asyncio.get_running_loop().time() + 1
         while not self._stopping.is_set():
             try:
@@ -152,7 +164,7 @@ class CancelListener:
         parts = self._partitions
         await self.consumer.seek_to_beginning(*parts)
         end = await self.consumer.end_offsets(parts)
-        latest: dict[bytes, bytes | None] = {}
+        latest: dict[bytes, tuple[bytes | None, int]] = {}
         while True:
             # compacted gaps and transaction markers mean "last offset + 1" may never be seen:
             # compare positions with the end offsets instead
@@ -161,17 +173,19 @@ class CancelListener:
                 break
             for r in await self._fetch(*behind, timeout_ms=500, max_records=5000):
                 if r.key is not None:
-                    latest[r.key] = r.value
+                    latest[r.key] = (r.value, r.timestamp)
         cancels = []
-        for key, value in latest.items():
+        for key, (value, timestamp) in latest.items():
             if value is None:
                 continue  # tombstone: the message is final
             if self.on_record is not None:
                 self.on_record(key)
             try:
-                cancels.append(parse_cancel(value))
+                cancels.append(Seen(key, timestamp, parse_cancel(value)))
             except InvalidRecord as e:
                 log.warning("unreadable cancel record ignored: %s", e.reason)
+                if self.sweeper is not None:
+                    await self.sweeper.unreadable(key)
         await self._mirror(cancels, "replay")
         self.replays += 1
         log.info("replayed %s: %d live cancels re-flagged", self.topic, len(cancels))
@@ -194,8 +208,10 @@ class CancelListener:
                     r.offset,
                     e.reason,
                 )
+                if self.sweeper is not None and r.key is not None:
+                    await self.sweeper.unreadable(r.key)
                 continue
-            cancels.append(cancel)
+            cancels.append(Seen(r.key or b"", r.timestamp, cancel))
             if self.on_cancel is not None and not self.settings.ownership_enforced:
                 self.on_cancel(cancel)  # at once; with ownership enforced, after the check
         allowed = await self._mirror_live(cancels)
@@ -203,7 +219,7 @@ class CancelListener:
             for cancel in allowed:
                 self.on_cancel(cancel)
 
-    async def _mirror_live(self, cancels: list[ChatCancel]) -> list[ChatCancel]:
+    async def _mirror_live(self, cancels: list[Seen]) -> list[ChatCancel]:
         """`_mirror` for a live batch, retried until Redis takes it: its records are consumed
         already, so a failed write would lose their flags (a Kafka-only cancel, the Spring
         frontend's, has no other way into Redis short of a replay)."""
@@ -218,16 +234,20 @@ class CancelListener:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _mirror(self, cancels: list[ChatCancel], source: str) -> list[ChatCancel]:
-        """Mirror `cancels` into their Redis flags; returns those not refused for ownership
+    async def _mirror(self, seen: list[Seen], source: str) -> list[ChatCancel]:
+        """Mirror the cancels into their Redis flags; returns those not refused for ownership
         (a refused one, from a user who did not send the message, is ignored and counted)."""
-        if not cancels:
+        if not seen:
             return []
+        cancels = [s.cancel for s in seen]
         self.metrics.cancels_seen.labels(source).inc(len(cancels))
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in cancels:
                 await self.state.mirror_cancel(pipe, c.session_id, c.message_id, c.user_id)
             results = [int(r) for r in await pipe.execute()]
+        if self.sweeper is not None:
+            for one, flagged in zip(seen, results, strict=True):
+                await self.sweeper.observed(one, flagged)
         allowed = []
         for c, flagged in zip(cancels, results, strict=True):
             result = "flagged" if flagged > 0 else "final" if flagged == 0 else "forbidden"
@@ -246,10 +266,4 @@ class CancelListener:
                 )
             else:
                 allowed.append(c)
-        if not self.tombstone_final:
-            return allowed
-        for c, flagged in zip(cancels, results, strict=True):
-            if flagged == 0:
-                key = cancel_record_key(c.session_id, c.message_id).encode()
-                await self.producer.send(self.topic, None, key=key)
         return allowed

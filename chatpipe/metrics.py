@@ -105,6 +105,13 @@ class Metrics:
         self.cancels_seen = Counter(
             "chatpipe_cancels_seen", "Cancel records read", ["source"], registry=r
         )
+        self.cancel_tombstones = Counter(
+            "chatpipe_cancel_tombstones",
+            "Cancel records the standalone listener tombstoned, by why (final, forbidden, stale; "
+            "noncanonical_key_kept: left alone)",
+            ["why"],
+            registry=r,
+        )
         self.cancels_mirrored = Counter(
             "chatpipe_cancels_mirrored",
             "Cancel records mirrored into Redis, by result (flagged, final: the message had "

@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     sse_max_connections: int = 10_000  # SSE connections per api process (503 beyond)
     cors_allow_origins: str = ""  # comma-separated origins; empty = no CORS headers
 
+    # --- cancel listener (standalone): tombstones of cancel records whose work is done --
+    cancel_sweep_interval_s: float = 60.0  # how often pending cancels are looked up; 0 = off
+    cancel_record_max_age_s: int = 86400  # a cancel of a message Redis never saw, this old: gone
+
     # --- Redis lifetimes ---------------------------------------------------------------
     active_ttl_s: int = 300
     cancel_ttl_s: int = 60

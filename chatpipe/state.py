@@ -285,6 +285,14 @@ class State:
     async def exists(self, message_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.msg(message_id)))
 
+    async def states(self, message_ids: Sequence[str]) -> list[str | None]:
+        """The state of each message (None: Redis does not know it), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message_id in message_ids:
+                pipe.hget(self.keys.msg(message_id), "state")
+            found = await pipe.execute()
+        return [None if v is None else _s(v) for v in found]
+
     # --- seed operations (kept for operators and the seed's callers) -------------------
     async def get_active_stream(self, session_id: str) -> str | None:
         value = await self.redis.get(self.keys.active(session_id))

@@ -19,6 +19,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cancel_listener.listener import CancelListener
+from cancel_listener.sweeper import Seen
 from chatpipe.clients import make_consumer, make_producer, make_redis
 from chatpipe.keys import cancel_record_key
 from chatpipe.metrics import Metrics
@@ -70,9 +71,10 @@ async def running_listener(
     done: Mirrored = asyncio.Queue()
     original = listener._mirror
 
-    async def spy(cancels: list[ChatCancel], source: str) -> None:
-        await original(cancels, source)
-        done.put_nowait((source, [c.message_id for c in cancels]))
+    async def spy(seen: list[Seen], source: str) -> list[ChatCancel]:
+        allowed = await original(seen, source)
+        done.put_nowait((source, [s.cancel.message_id for s in seen]))
+        return allowed
 
     listener._mirror = spy  # type: ignore[method-assign]
     task = asyncio.create_task(listener.run(), name="listener")
