@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from ai_consumer.interrupt import until_set
 from ai_consumer.llm import Provider, ProviderError
 from ai_consumer.registry import LocalStream, Registry
-from ai_consumer.sink import Outgoing, Sink
+from ai_consumer.sink import CANCEL, LOST, Outgoing, Sink
 from ai_consumer.tombstones import Tombstones
 from chatpipe.codec import now_rfc3339
 from chatpipe.errors import ChatpipeError
@@ -22,7 +22,7 @@ from chatpipe.logs import log_context
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
-from chatpipe.state import State
+from chatpipe.state import Claim, State
 from chatpipe.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ class Handler:
                 return "skipped"
             if claim.outcome == "forbidden":
                 return await self._forbidden(req, claim.detail, traceparent)
+            if claim.outcome == "republish":
+                return await self._republish(req, claim, traceparent)
             if claim.outcome != "owned":
                 break
             # another live instance streams it (a redelivery after a rebalance): wait until it
@@ -121,6 +123,7 @@ class Handler:
             await asyncio.sleep(self.settings.lease_ms / 2000)
 
         stream = self.registry.start(req.message_id, req.session_id)
+        stream.epoch = claim.epoch
         self.metrics.active_streams.inc()
         try:
             return await self._run(
@@ -166,7 +169,7 @@ class Handler:
         kind = "restart" if restart else "started"
         extra = {"restart": True} if restart else {}
         try:
-            await self.sink.emit(
+            answer = await self.sink.emit(
                 Outgoing(
                     req.message_id,
                     req.session_id,
@@ -176,10 +179,14 @@ class Handler:
                     "chat.started",
                     self._event(req, "chat.started", seq, at, **extra),
                     traceparent,
+                    stream.epoch,
                 )
             )
         except ChatpipeError as e:
             return await self._finish(req, stream, "failed", str(e), seq + 1, traceparent)
+        if answer == LOST:
+            log.warning("lease lost to another instance before the start; left to it", extra=ids)
+            return "skipped"
         seq += 1
 
         wanted, reason, chunks = "completed", "", 0
@@ -197,7 +204,7 @@ class Handler:
                     value["seq"], value["at"], value["delta"] = seq, at, delta
                     if chunks == 0:
                         self.metrics.ttft.observe(time.monotonic() - started_at)
-                    flagged = await self.sink.emit(
+                    answer = await self.sink.emit(
                         Outgoing(
                             req.message_id,
                             req.session_id,
@@ -207,8 +214,13 @@ class Handler:
                             "chat.chunk",
                             value,
                             traceparent,
+                            stream.epoch,
                         )
                     )
+                    if answer == LOST:  # a later run owns it, or it ended: write nothing more
+                        stream.lost = True
+                        break
+                    flagged = answer == CANCEL
                     seq += 1
                     chunks += 1
                     self.metrics.chunks.inc()
@@ -246,7 +258,15 @@ class Handler:
     ) -> str:
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         result = await self.state.finish(
-            req.message_id, req.session_id, self.instance_id, wanted, reason, seq, _now()
+            req.message_id,
+            req.session_id,
+            self.instance_id,
+            wanted,
+            reason,
+            seq,
+            _now(),
+            epoch=stream.epoch if stream is not None else "",
+            chunks=chunks,
         )
         if result.already:
             log.info(
@@ -272,6 +292,7 @@ class Handler:
             self._event(req, f"chat.{final}", seq, _now(), **extra),
             traceparent,
         )
+        await self._published(req)
         if final == "cancelled":
             # the cancel has done its work: tombstone it (after its record) so the compacted
             # topic forgets it
@@ -279,4 +300,51 @@ class Handler:
                 cancel_record_key(req.session_id, req.message_id).encode()
             )
         log.info("message %s", final, extra={**ids, "chunks": chunks})
+        return final
+
+    async def _published(self, req: ChatRequest) -> None:
+        """Record that the terminal event is acked (so no later claim publishes it again) and
+        release the lease FINISH kept. Retried a while: a Redis blip here would make the next
+        claim of a redelivered record publish the terminal a second time."""
+        delay = 0.1
+        for attempt in range(8):
+            try:
+                await self.state.published(req.message_id, self.instance_id)
+                return
+            except RedisError as e:
+                log.warning(
+                    "could not mark the terminal event published (attempt %d): %s",
+                    attempt + 1,
+                    e,
+                    extra={"message_id": req.message_id, "session_id": req.session_id},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _republish(self, req: ChatRequest, claim: Claim, traceparent: str | None) -> str:
+        """The message is final in Redis, but its finisher died (or was stopped) before Kafka
+        acked its terminal event: publish it again, from what FINISH recorded. The lease we took
+        is refreshed meanwhile (the message is in the registry), so nobody else does too."""
+        ids = {"message_id": req.message_id, "session_id": req.session_id}
+        final = claim.detail
+        log.warning(
+            "final (%s) without its terminal on Kafka: publishing it again", final, extra=ids
+        )
+        self.registry.start(req.message_id, req.session_id)
+        try:
+            extra: dict[str, Any] = {
+                "usage": {"completion_tokens": claim.chunks, "chunks": claim.chunks}
+            }
+            if claim.reason:
+                extra["reason"] = claim.reason
+            await self.sink.publish(
+                req.session_id,
+                f"chat.{final}",
+                self._event(req, f"chat.{final}", claim.next_seq, _now(), **extra),
+                traceparent,
+            )
+            await self._published(req)
+        finally:
+            self.registry.end(req.message_id)
+        self.metrics.terminals_republished.inc()
         return final

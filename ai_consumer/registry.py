@@ -14,6 +14,7 @@ class LocalStream:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested_at: float | None = None  # wall clock the user asked to cancel
     lost: bool = False  # another instance holds our lease now: stop without a terminal event
+    epoch: str = ""  # the run's fencing token (Claim.epoch), checked by every write of it
 
 
 class Registry:

@@ -44,7 +44,13 @@ class Outgoing:
     kafka_type: str
     kafka_value: dict[str, Any]
     traceparent: str | None = None
-    done: asyncio.Future[bool] | None = None  # set by emit(): the cancel flag, once written
+    epoch: str = ""  # the run's fencing token (Claim.epoch): its writes are refused once lost
+    done: asyncio.Future[int] | None = None  # set by emit(): WRITTEN | CANCEL | LOST
+
+
+# What emit() answers: written; written and a cancel is requested (the caller stops); the run
+# lost the message (nothing written, on Redis or Kafka: the caller stops without a terminal)
+WRITTEN, CANCEL, LOST = 0, 1, -1
 
 
 class Sink:
@@ -72,6 +78,7 @@ class Sink:
         self._tasks: list[asyncio.Task[None]] = []
         self._kafka_errors = 0
         self._tick_s = settings.sink_tick_ms / 1000
+        self._recheck_s = settings.lease_ms / 4000
         # murmur2 of each session key, computed once per message instead of once per chunk
         self._hashes: dict[bytes, int] = {}
 
@@ -90,10 +97,12 @@ class Sink:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def emit(self, out: Outgoing) -> bool:
-        """Append one event for SSE readers and Kafka. Returns True when the message's cancel
-        flag was set at that moment (the caller stops)."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def emit(self, out: Outgoing) -> int:
+        """Append one event for SSE readers and Kafka, fenced by the run's epoch. Returns
+        CANCEL when a cancel of the message was requested at that moment (the caller stops),
+        LOST when a later run took the message over or it ended (nothing was written, and its
+        Kafka record is not produced: the caller stops), else WRITTEN."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         out.done = done
         if not self._pending:  # the first event of a new batch
             self._wake.set()
@@ -160,13 +169,20 @@ class Sink:
 
     async def _flush(self, batch: list[Outgoing]) -> None:
         self.metrics.sink_batch.observe(len(batch))
-        cancel_key = self.keys.cancel
-        flag_keys = list({cancel_key(o.session_id, o.message_id) for o in batch})
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.mget(flag_keys)
                 for o in batch:
-                    self.state.append(pipe, o.message_id, o.sse_event, o.seq, o.sse_data)
+                    first = o.sse_event != "chunk"  # started | restart: the run's first event
+                    await self.state.write(
+                        pipe,
+                        o.message_id,
+                        o.session_id,
+                        o.epoch,
+                        o.sse_event,
+                        o.seq,
+                        o.sse_data,
+                        first,
+                    )
                 results = await pipe.execute()
         except Exception as e:  # Redis down: every stream in the batch learns it
             err = Unavailable(f"redis: {e}")
@@ -174,29 +190,62 @@ class Sink:
                 if o.done is not None and not o.done.done():
                     o.done.set_exception(err)
             return
-        flags = dict(zip(flag_keys, results[0], strict=True))
         records = []
-        for o in batch:
-            records.append(
-                _Record(
-                    o.session_id.encode(),
-                    dumps(o.kafka_value),
-                    cached_headers(o.kafka_type, o.traceparent),
+        checked_at = asyncio.get_running_loop().time()
+        for o, answer in zip(batch, results, strict=True):
+            answer = int(answer)
+            if answer != LOST:  # its record only once Redis said the run still owns it
+                records.append(
+                    _Record(
+                        o.session_id.encode(),
+                        dumps(o.kafka_value),
+                        cached_headers(o.kafka_type, o.traceparent),
+                        message_id=o.message_id,
+                        epoch=o.epoch,
+                        checked_at=checked_at,
+                    )
                 )
-            )
+            else:
+                self.metrics.fenced_writes.inc()
             if o.done is not None and not o.done.done():
-                o.done.set_result(flags[cancel_key(o.session_id, o.message_id)] is not None)
-        self._kafka.put_nowait(records)
+                o.done.set_result(answer)
+        if records:
+            self._kafka.put_nowait(records)
 
     async def _run_kafka(self) -> None:
         while True:
             records = await self._kafka.get()
             try:
+                records = await self._still_ours(records)
                 partitions = self._partitions()
                 for record in records:
                     await self._send(record, partitions)
             finally:
                 self._kafka.task_done()
+
+    async def _still_ours(self, records: list[_Record]) -> list[_Record]:
+        """Chunk records whose Redis check is older than a quarter lease (the process was
+        frozen, or Kafka slow) are checked again before they leave: a run that lost its message
+        meanwhile (a later epoch, or the message ended) sends none of them. Terminal records
+        always leave. Fresh batches cost nothing here."""
+        now = asyncio.get_running_loop().time()
+        stale = {
+            (r.message_id, r.epoch)
+            for r in records
+            if r.epoch and r.delivered is None and now - r.checked_at > self._recheck_s
+        }
+        if not stale:
+            return records
+        try:
+            lost = await self.state.lost_runs(stale)
+        except Exception as e:  # Redis away: the write check passed; send as before
+            log.warning("could not re-check stale chunk records: %s", e)
+            return records
+        if not lost:
+            return records
+        kept = [r for r in records if (r.message_id, r.epoch) not in lost]
+        self.metrics.fenced_writes.inc(len(records) - len(kept))
+        return kept
 
     async def _send(self, record: _Record, partitions: list[int] | None) -> None:
         try:
@@ -257,6 +306,9 @@ class _Record:
     value: bytes
     headers: list[tuple[str, bytes]]
     delivered: asyncio.Future[None] | None = None
+    message_id: str = ""  # a chunk's: the run whose Redis check let it out, and when
+    epoch: str = ""
+    checked_at: float = 0.0
 
     def on_sent(self, fut: asyncio.Future[Any]) -> None:
         if self.delivered is None or self.delivered.done():

@@ -100,6 +100,16 @@ class Metrics:
             "Messages restarted after their owner's lease expired",
             registry=r,
         )
+        self.fenced_writes = Counter(
+            "chatpipe_fenced_writes",
+            "Events a run wrote after it lost its message (refused: a later run or the end won)",
+            registry=r,
+        )
+        self.terminals_republished = Counter(
+            "chatpipe_terminals_republished",
+            "Terminal events published again (their finisher died before Kafka acked them)",
+            registry=r,
+        )
         self.commits = Counter("chatpipe_offset_commits", "Offset commits", registry=r)
         # listener
         self.cancels_seen = Counter(

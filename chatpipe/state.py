@@ -100,6 +100,11 @@ end
 local ttl = ARGV[2]
 if state == 'streaming' then ttl = ARGV[1] end
 redis.call('SET', KEYS[2], '1', 'EX', ttl)
+-- the cancel also lives in the message's hash, as long as the message can be claimed (the flag
+-- lapses after its TTL); a message nobody has seen yet gets a hash of just this field, which
+-- its request (OBSERVE/ACCEPT) turns into a queued message that stays cancelled
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+if not state then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
 
@@ -108,12 +113,21 @@ return 1
 # changes; otherwise the session's owner key is set (first message) and its TTL refreshed.
 # KEYS msg lease cancel active stream owner
 # ARGV instance lease_ms session user now msg_ttl active_ttl message_id enforce owner_ttl
-#   -> {'final', state} | {'owned', owner} | {'forbidden', why} | {'cancel', restart}
-#      | {'start', restart, next_seq}
+#   -> {'final', state} | {'owned', owner} | {'forbidden', why}
+#      | {'republish', state, final_seq, reason, chunks}
+#      | {'cancel', restart, next_seq, epoch} | {'start', restart, next_seq, epoch}
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' then
-  return {'final', state}
+  -- a terminal event whose Kafka ack was never recorded (its finisher died or was stopped
+  -- before it): published again by whoever claims it next, unless its finisher still holds
+  -- the lease (it is publishing right now)
+  local f = redis.call('HMGET', KEYS[1], 'published', 'final_seq', 'reason', 'chunks')
+  if f[1] or not f[2] then return {'final', state} end
+  local holder = redis.call('GET', KEYS[2])
+  if holder and holder ~= ARGV[1] then return {'owned', holder} end
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {'republish', state, f[2], f[3] or '', f[4] or '0'}
 end
 if ARGV[9] == '1' then
   if ARGV[4] == '' then return {'forbidden', 'user'} end
@@ -139,31 +153,46 @@ end
 redis.call('HSET', KEYS[1], 'session', ARGV[3], 'user', ARGV[4], 'owner', ARGV[1])
 if not state then redis.call('HSET', KEYS[1], 'created', ARGV[5]) end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancel', restart, next_seq} end
+-- the fencing token of this run: every write of an earlier run (an owner frozen past its
+-- lease, woken after this claim) is refused from now on
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
+if redis.call('EXISTS', KEYS[3]) == 1
+   or redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  return {'cancel', restart, next_seq, epoch}
+end
 redis.call('HSET', KEYS[1], 'state', 'streaming', 'started', ARGV[5])
 redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[7])
-return {'start', restart, next_seq}
+return {'start', restart, next_seq, epoch}
 """
 
+# The lease is kept (lease_ms, refreshed by the finisher) until the terminal's Kafka ack is
+# recorded (PUBLISHED): a claim meanwhile waits; one after a finisher that died re-publishes.
+# ARGV epoch '' : no run of ours to fence (a message failed or refused before it started).
 # KEYS msg lease cancel active stream ; ARGV instance wanted reason seq final_ttl message_id now
-#   maxlen -> {final_state, reason, stream_id} | {'already', state}
+#   maxlen epoch lease_ms chunks -> {final_state, reason, stream_id} | {'already', state}
 FINISH = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local f = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'cancel_requested')
+local state = f[1]
 if state == 'completed' or state == 'failed' or state == 'cancelled' then
   return {'already', state}
 end
+if ARGV[9] ~= '' and state and f[2] ~= ARGV[9] then return {'already', 'fenced'} end
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return {'already', 'owned:' .. owner} end
 local final = ARGV[2]
 local reason = ARGV[3]
-if final ~= 'cancelled' and redis.call('EXISTS', KEYS[3]) == 1 then
+if final ~= 'cancelled' and (redis.call('EXISTS', KEYS[3]) == 1 or f[3] == '1') then
   final = 'cancelled'
   reason = 'cancelled by user'
 end
-redis.call('HSET', KEYS[1], 'state', final, 'reason', reason, 'finished', ARGV[7])
+redis.call('HSET', KEYS[1], 'state', final, 'reason', reason, 'finished', ARGV[7],
+           'final_seq', ARGV[4], 'chunks', ARGV[11])
+redis.call('HDEL', KEYS[1], 'published')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[10])
+redis.call('DEL', KEYS[3])
 local data = {status = final}
 if reason ~= '' then data['reason'] = reason end
 local id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'e', 'done', 's', ARGV[4],
@@ -172,20 +201,54 @@ redis.call('EXPIRE', KEYS[5], ARGV[5])
 return {final, reason, id}
 """
 
-# A lease that vanished (Redis restarted empty) is taken again; one another instance holds is
-# lost. KEYS lease1 active1 lease2 active2 ... ; ARGV instance lease_ms active_ttl -> lost indexes
+# A lease that vanished (Redis restarted empty) is taken again, unless the message went on
+# without us meanwhile: a later run holds it (its epoch is not ours) or it is final (a finished
+# message's lease is held only by its finisher, until its terminal is published). One another
+# instance holds is lost.
+# KEYS lease1 active1 msg1 stream1 lease2 ... ; ARGV instance lease_ms active_ttl epoch1 epoch2 ...
+#   -> lost indexes (1-based)
 REFRESH = """
 local lost = {}
-for i = 1, #KEYS, 2 do
+for i = 1, #KEYS, 4 do
+  local n = (i + 3) / 4
   local owner = redis.call('GET', KEYS[i])
-  if owner == ARGV[1] or not owner then
+  local f = redis.call('HMGET', KEYS[i + 2], 'state', 'epoch')
+  local ours = (not f[1]) or ARGV[3 + n] == '' or f[2] == ARGV[3 + n]
+  local final = f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled'
+  if ours and (owner == ARGV[1] or (not owner and not final)) then
     redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
-    redis.call('EXPIRE', KEYS[i + 1], ARGV[3])
+    if not final then
+      redis.call('EXPIRE', KEYS[i + 1], ARGV[3])
+      redis.call('EXPIRE', KEYS[i + 3], ARGV[3])
+    end
   else
-    table.insert(lost, (i + 1) / 2)
+    table.insert(lost, n)
   end
 end
 return lost
+"""
+
+# One SSE event of a run, fenced: written only while the message is `streaming` under this
+# run's epoch (or its hash is gone: Redis lost it, the run goes on as before); the caller
+# produces the event's Kafka record only after this answered >= 0. The first event of a run
+# gives the stream its TTL (refreshed with the lease; FINISH sets the final one).
+# KEYS msg stream cancel ; ARGV epoch event seq data maxlen ttl
+#   -> -1 lost (write refused) | 1 written, cancel requested | 0 written
+WRITE = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'cancel_requested')
+if f[1] and (f[1] ~= 'streaming' or f[2] ~= ARGV[1]) then return -1 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
+if ARGV[6] ~= '' then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
+if f[3] == '1' or redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
+return 0
+"""
+
+# The terminal event of a message is acked by Kafka: a later claim need not publish it again.
+# KEYS msg lease ; ARGV instance
+PUBLISHED = """
+if redis.call('HGET', KEYS[1], 'state') then redis.call('HSET', KEYS[1], 'published', '1') end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
 """
 
 
@@ -195,10 +258,17 @@ def _s(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    outcome: Literal["final", "owned", "forbidden", "cancel", "start"]
+    """`epoch`: the run's fencing token (start/cancel), passed to every write of the run.
+    `republish`: the message is final (`detail` its state) but its terminal event was never
+    acked by Kafka: publish it again (seq `next_seq`, `reason`, `chunks`), then `published()`."""
+
+    outcome: Literal["final", "owned", "forbidden", "cancel", "start", "republish"]
     detail: str = ""
     restart: bool = False
     next_seq: int = 0
+    epoch: str = ""
+    reason: str = ""
+    chunks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +293,8 @@ class State:
         self._claim = redis.register_script(CLAIM)
         self._finish = redis.register_script(FINISH)
         self._refresh = redis.register_script(REFRESH)
+        self._write = redis.register_script(WRITE)
+        self._published = redis.register_script(PUBLISHED)
 
     # --- api ---------------------------------------------------------------------------
     async def accept(
@@ -358,7 +430,20 @@ class State:
         outcome = _s(raw[0])
         if outcome in ("final", "owned", "forbidden"):
             return Claim(outcome, detail=_s(raw[1]))  # type: ignore[arg-type]
-        return Claim(outcome, restart=bool(int(raw[1])), next_seq=int(raw[2]))  # type: ignore[arg-type]
+        if outcome == "republish":
+            return Claim(
+                "republish",
+                detail=_s(raw[1]),
+                next_seq=int(raw[2]),
+                reason=_s(raw[3]),
+                chunks=int(raw[4]),
+            )
+        return Claim(
+            outcome,  # type: ignore[arg-type]
+            restart=bool(int(raw[1])),
+            next_seq=int(raw[2]),
+            epoch=_s(raw[3]),
+        )
 
     async def finish(
         self,
@@ -369,7 +454,12 @@ class State:
         reason: str,
         seq: int,
         now: str,
+        epoch: str = "",
+        chunks: int = 0,
     ) -> Finish:
+        """`epoch`: the run's (Claim.epoch); a run fenced off by a later claim finishes nothing.
+        "" for a message that never started a run (failed or refused before it). The lease
+        stays ours until `published()`."""
         k = self.keys
         keys = [
             k.msg(message_id),
@@ -388,6 +478,9 @@ class State:
             message_id,
             now,
             s.stream_maxlen,
+            epoch,
+            s.lease_ms,
+            chunks,
         ]
         raw = await self._finish(keys=keys, args=args)
         if _s(raw[0]) == "already":
@@ -405,13 +498,70 @@ class State:
             approximate=True,
         )
 
-    async def refresh_leases(self, owned: Sequence[tuple[str, str]], instance_id: str) -> list[int]:
-        """Extend the leases of (message_id, session_id) pairs we stream; returns lost indexes."""
+    async def write(
+        self,
+        pipe: Pipeline,
+        message_id: str,
+        session_id: str,
+        epoch: str,
+        event: str,
+        seq: int,
+        data: dict[str, Any],
+        first: bool = False,
+    ) -> None:
+        """Queue on `pipe` one SSE event of the run `epoch`, fenced (the WRITE script). Its
+        result: -1 the run lost the message (nothing written: write nothing more, to Kafka
+        neither), 1 written and a cancel is requested, 0 written. `first`: the run's first
+        event, which gives the stream its TTL while streaming."""
+        k = self.keys
+        s = self.settings
+        keys = [k.msg(message_id), k.stream(message_id), k.cancel(session_id, message_id)]
+        args: list[Arg] = [
+            epoch,
+            event,
+            seq,
+            dumps(data),
+            s.stream_maxlen,
+            s.active_ttl_s if first else "",
+        ]
+        await self._write(keys=keys, args=args, client=pipe)
+
+    async def lost_runs(self, runs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of (message_id, epoch) runs, those that lost their message since: it is no longer
+        `streaming` under that epoch (a message whose hash is gone is not counted lost)."""
+        ordered = list(runs)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message_id, _ in ordered:
+                pipe.hmget(self.keys.msg(message_id), ["state", "epoch"])
+            values = await pipe.execute()
+        lost = set()
+        for run, (state, epoch) in zip(ordered, values, strict=True):
+            if state is not None and (_s(state) != "streaming" or _s(epoch or b"") != run[1]):
+                lost.add(run)
+        return lost
+
+    async def published(self, message_id: str, instance_id: str) -> None:
+        """The message's terminal event is acked by Kafka: no claim publishes it again; our
+        lease (kept since FINISH) is released."""
+        keys = [self.keys.msg(message_id), self.keys.lease(message_id)]
+        await self._published(keys=keys, args=[instance_id])
+
+    async def refresh_leases(
+        self, owned: Sequence[tuple[str, str] | tuple[str, str, str]], instance_id: str
+    ) -> list[int]:
+        """Extend the leases of (message_id, session_id[, epoch]) we stream (also the seed's
+        active key and the message's stream TTL); returns the indexes of those we lost."""
         if not owned:
             return []
         keys: list[str] = []
-        for message_id, session_id in owned:
-            keys += [self.keys.lease(message_id), self.keys.active(session_id)]
+        epochs: list[Arg] = []
+        for entry in owned:
+            message_id, session_id = entry[0], entry[1]
+            k = self.keys
+            keys += [k.lease(message_id), k.active(session_id), k.msg(message_id)]
+            keys.append(k.stream(message_id))
+            epochs.append(entry[2] if len(entry) > 2 else "")
         s = self.settings
-        lost = await self._refresh(keys=keys, args=[instance_id, s.lease_ms, s.active_ttl_s])
+        args: list[Arg] = [instance_id, s.lease_ms, s.active_ttl_s, *epochs]
+        lost = await self._refresh(keys=keys, args=args)
         return [int(i) - 1 for i in lost]

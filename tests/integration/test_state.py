@@ -173,6 +173,7 @@ async def test_claim_when_the_flag_is_set_answers_cancel_and_never_streams(
 async def test_claim_of_a_final_message_answers_final(state: State) -> None:
     await streaming(state)
     await state.finish("m-1", "s-1", A, "completed", "", 1, NOW)
+    await state.published("m-1", A)  # its terminal event is acked by Kafka
     claim = await state.claim("m-1", "s-1", "u-1", B, NOW)  # a redelivery after a rebalance
     assert (claim.outcome, claim.detail) == ("final", "completed")
 
@@ -221,6 +222,9 @@ async def test_finish_is_exactly_once(state: State, redis: Redis, keys: Keys) ->
     assert await events(state, "m-1") == [("done", 4)]  # one terminal event on the stream
     msg = await state.message("m-1")
     assert (msg["state"], msg["finished"]) == ("completed", NOW)
+    # the finisher keeps the lease until the terminal is acked by Kafka, then releases it
+    assert await redis.get(keys.lease("m-1")) == A.encode()
+    await state.published("m-1", A)
     assert not await redis.exists(keys.lease("m-1"))
     assert 1700 < await redis.ttl(keys.msg("m-1")) <= 1800
     assert 1700 < await redis.ttl(keys.stream("m-1")) <= 1800
@@ -244,6 +248,7 @@ async def test_finish_failed_after_a_handler_crash_ends_the_message_after_its_la
     assert await events(state, "m-1") == [("chunk", 1), ("chunk", 2), ("done", 3)]
     fields = (await xrange(redis, keys.stream("m-1")))[-1][1]
     assert orjson.loads(fields[b"d"]) == {"status": "failed", "reason": "internal error (KeyError)"}
+    await state.published("m-1", A)
     assert not await redis.exists(keys.lease("m-1"))
 
 
@@ -319,7 +324,9 @@ async def test_mirror_cancel_flags_unknown_queued_and_streaming_messages(
     await streaming(state, "m-s")
     assert await mirror(state, "s-1", "m-s") == 1
     assert 0 < await redis.ttl(keys.cancel("s-1", "m-s")) <= 60
-    assert not await redis.exists(keys.msg("m-unknown"))  # it flags, it invents no message
+    # it invents no message: only the cancel, kept for when its request comes (as the flag)
+    assert await redis.hgetall(keys.msg("m-unknown")) == {b"cancel_requested": b"1"}
+    assert 7100 < await redis.ttl(keys.msg("m-unknown")) <= 7200
 
 
 async def test_mirror_cancel_of_a_final_message_flags_nothing(
@@ -369,3 +376,110 @@ async def test_cancel_of_a_cancelled_message_is_a_repeat(state: State) -> None:
     await state.finish("m-1", "s-1", A, "cancelled", "cancelled by user", 3, NOW)
     assert await state.cancel("s-1", "m-1") == "repeated"
     assert await state.cancel("s-2", "m-1") == "not_found"  # still its own session only
+
+
+# --- issue 12: fencing, the terminal's Kafka ack, a cancel that outlives its flag, stream TTL --
+
+
+async def write(state: State, message_id: str, epoch: str, seq: int, first: bool = False) -> int:
+    async with state.redis.pipeline(transaction=False) as pipe:
+        await state.write(pipe, message_id, "s-1", epoch, "chunk", seq, {"seq": seq}, first)
+        (answer,) = await pipe.execute()
+    return int(answer)
+
+
+async def test_a_run_taken_over_writes_nothing_more_and_cannot_refresh_or_finish(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state)
+    first = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    assert await write(state, "m-1", first.epoch, 1, first=True) == 0
+    await redis.delete(keys.lease("m-1"))  # A froze past its lease
+    second = await state.claim("m-1", "s-1", "u-1", B, NOW)
+    assert (second.outcome, second.restart) == ("start", True)
+    assert second.epoch != first.epoch
+    assert await write(state, "m-1", first.epoch, 2) == -1  # A woke: refused
+    assert await write(state, "m-1", second.epoch, 2) == 0
+    assert await state.refresh_leases([("m-1", "s-1", first.epoch)], A) == [0]
+    late = await state.finish("m-1", "s-1", A, "completed", "", 9, NOW, epoch=first.epoch)
+    assert late.already
+    done = await state.finish("m-1", "s-1", B, "completed", "", 3, NOW, epoch=second.epoch)
+    assert not done.already
+    await state.published("m-1", B)
+    # the message is final and its lease released: A's refresh must not take it again, nor
+    # may A write
+    assert await state.refresh_leases([("m-1", "s-1", first.epoch)], A) == [0]
+    assert not await redis.exists(keys.lease("m-1"))
+    assert await write(state, "m-1", second.epoch, 4) == -1
+    assert await events(state, "m-1") == [("chunk", 1), ("chunk", 2), ("done", 3)]
+
+
+async def test_a_terminal_never_acked_by_kafka_is_published_again_by_the_next_claim(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state)
+    run = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    await state.finish("m-1", "s-1", A, "failed", "upstream", 7, NOW, epoch=run.epoch, chunks=5)
+    # A is publishing (its lease is kept): a redelivery elsewhere waits for it
+    assert (await state.claim("m-1", "s-1", "u-1", B, NOW)).outcome == "owned"
+    await redis.delete(keys.lease("m-1"))  # A died before Kafka acked the terminal
+    claim = await state.claim("m-1", "s-1", "u-1", B, NOW)
+    assert (claim.outcome, claim.detail, claim.next_seq, claim.reason, claim.chunks) == (
+        "republish",
+        "failed",
+        7,
+        "upstream",
+        5,
+    )
+    await state.published("m-1", B)
+    assert (await state.claim("m-1", "s-1", "u-1", B, NOW)).outcome == "final"
+
+
+async def test_a_cancel_outlives_its_flag_for_as_long_as_the_message_can_be_claimed(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await streaming(state)
+    assert await state.cancel("s-1", "m-1") == "cancelled"
+    await redis.delete(keys.cancel("s-1", "m-1"))  # CANCEL_TTL_S passed
+    await redis.delete(keys.lease("m-1"))  # and its owner died
+    claim = await state.claim("m-1", "s-1", "u-1", B, NOW)  # the takeover
+    assert claim.outcome == "cancel"
+    # and so does FINISH
+    done = await state.finish("m-1", "s-1", B, "completed", "", 1, NOW, epoch=claim.epoch)
+    assert done.state == "cancelled"
+
+
+async def test_a_kafka_only_cancel_before_its_request_outlives_its_flag(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    assert await mirror(state, "s-1", "m-1") == 1  # the cancel came before its request
+    await redis.delete(keys.cancel("s-1", "m-1"))  # its flag lapsed
+    async with redis.pipeline(transaction=False) as pipe:
+        await state.observe(pipe, "m-1", "s-1", "u-1", NOW)
+        await pipe.execute()
+    assert (await state.message("m-1"))["state"] == "queued"
+    assert 86_300 < await redis.ttl(keys.msg("m-1")) <= 86_400
+    assert (await state.claim("m-1", "s-1", "u-1", A, NOW)).outcome == "cancel"
+
+
+async def test_a_streaming_cancel_is_seen_by_the_next_write(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state)
+    run = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    assert await write(state, "m-1", run.epoch, 1) == 0
+    assert await state.cancel("s-1", "m-1") == "cancelled"
+    await redis.delete(keys.cancel("s-1", "m-1"))
+    assert await write(state, "m-1", run.epoch, 2) == 1
+
+
+async def test_a_streaming_message_stream_has_a_ttl_from_its_first_event(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state)
+    run = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    assert await write(state, "m-1", run.epoch, 0, first=True) == 0
+    assert 290 < await redis.ttl(keys.stream("m-1")) <= 300  # an abandoned one lapses
+    await redis.expire(keys.stream("m-1"), 10)
+    assert await state.refresh_leases([("m-1", "s-1", run.epoch)], A) == []
+    assert 290 < await redis.ttl(keys.stream("m-1")) <= 300  # refreshed with the lease

@@ -62,11 +62,16 @@ class FakeState:
         reason: str,
         seq: int,
         now: str,
+        epoch: str = "",
+        chunks: int = 0,
     ) -> Finish:
         self.finished.append(
             {"message_id": message_id, "state": wanted, "reason": reason, "seq": seq}
         )
         return Finish(wanted, reason, "1-0")
+
+    async def published(self, message_id: str, instance_id: str) -> None:
+        return None
 
 
 class FakeSink:
@@ -74,10 +79,10 @@ class FakeSink:
         self.state = state
         self.published: list[dict[str, Any]] = []
 
-    async def emit(self, out: Any) -> bool:
+    async def emit(self, out: Any) -> int:
         entries = self.state.redis.streams.setdefault(self.state.keys.stream(out.message_id), [])
         entries.append((f"{len(entries) + 1}-0".encode(), {b"s": str(out.seq).encode()}))
-        return False
+        return 0  # written
 
     async def publish(
         self, key: str, kafka_type: str, value: dict[str, Any], tp: Any = None

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from ai_consumer.sink import Outgoing, Sink
+from ai_consumer.sink import CANCEL, WRITTEN, Outgoing, Sink
 from chatpipe.codec import headers_for
 from chatpipe.errors import Unavailable
 from chatpipe.keys import Keys
@@ -37,8 +37,8 @@ class FakePipe:
     def mget(self, keys: list[str]) -> None:
         self.ops.append(("mget", keys))
 
-    def xadd(self, key: str, fields: dict[str, Any], **kw: Any) -> None:
-        self.ops.append(("xadd", key, fields))
+    def write(self, key: str, flag_key: str, fields: dict[str, Any]) -> None:
+        self.ops.append(("write", key, fields, flag_key))
 
     async def execute(self) -> list[Any]:
         self.redis.round_trips.append(self.ops)
@@ -48,11 +48,8 @@ class FakePipe:
         if self.redis.down:
             raise ConnectionError("redis is away")
         out: list[Any] = []
-        for op in self.ops:
-            if op[0] == "mget":
-                out.append([self.redis.flags.get(k) for k in op[1]])
-            else:
-                out.append(b"1-0")
+        for op in self.ops:  # the WRITE script's answer: 1 cancel requested, else 0 written
+            out.append(1 if self.redis.flags.get(op[3]) is not None else 0)
         return out
 
 
@@ -70,8 +67,19 @@ class FakeState:
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
 
-    def append(self, pipe: Any, message_id: str, event: str, seq: int, data: Any) -> None:
-        pipe.xadd(self.keys.stream(message_id), {"e": event, "s": seq, "d": orjson.dumps(data)})
+    async def write(
+        self,
+        pipe: Any,
+        message_id: str,
+        session_id: str,
+        epoch: str,
+        event: str,
+        seq: int,
+        data: Any,
+        first: bool = False,
+    ) -> None:
+        fields = {"e": event, "s": seq, "d": orjson.dumps(data)}
+        pipe.write(self.keys.stream(message_id), self.keys.cancel(session_id, message_id), fields)
 
 
 class FakeProducer:
@@ -122,12 +130,10 @@ async def test_a_tick_is_one_round_trip_and_each_emitter_gets_its_own_flag() -> 
             await sink._kafka.join()
     finally:
         await sink.stop(flush_timeout=1)
-    assert results == [False, True, False] * 3
+    assert results == [WRITTEN, CANCEL, WRITTEN] * 3
     assert len(redis.round_trips) == 1
     ops = redis.round_trips[0]
-    assert ops[0][0] == "mget"
-    assert len(ops[0][1]) == 3
-    assert [(op[1], op[2]["s"]) for op in ops[1:]] == [
+    assert [(op[1], op[2]["s"]) for op in ops] == [
         (sink.keys.stream(m), seq) for seq in range(3) for m in ("m1", "m2", "m3")
     ]
     assert [(r["value"]["message_id"], r["value"]["seq"]) for r in producer.sent] == [
@@ -142,7 +148,7 @@ async def test_a_terminal_leaves_after_its_chunks_with_its_headers() -> None:
     try:
         async with asyncio.timeout(5):
             for seq in range(4):
-                assert await sink.emit(chunk("m1", seq, tp)) is False
+                assert await sink.emit(chunk("m1", seq, tp)) == WRITTEN
             await sink.publish("s-m1", "chat.completed", {"message_id": "m1", "seq": 4}, tp)
     finally:
         await sink.stop(flush_timeout=1)
@@ -178,7 +184,7 @@ async def test_a_cancelled_emitter_leaves_the_others_of_its_batch_alone() -> Non
             kept = asyncio.create_task(sink.emit(chunk("m2", 0)))
             await asyncio.sleep(0)  # sleep-ok: one loop step (no waiting): both queued, not flushed
             doomed.cancel()
-            assert await kept is False
+            assert await kept == WRITTEN
             with pytest.raises(asyncio.CancelledError):
                 await doomed
             await sink._kafka.join()
