@@ -9,6 +9,7 @@ group membership alive) and resumed at half of it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -21,6 +22,8 @@ from aiokafka import (
 )
 from redis.exceptions import RedisError
 
+from ai_consumer.dlq import DeadLetter, DeadLetters
+from ai_consumer.dlq import dead_letter_headers as dead_letter_headers
 from ai_consumer.handler import Handler
 from ai_consumer.lanes import Lanes, Work
 from ai_consumer.offsets import PartitionOffsets
@@ -46,28 +49,6 @@ def decide(record: ConsumerRecord[bytes, bytes]) -> ChatRequest | InvalidRecord:
         return e
     except Exception as e:
         return InvalidRecord(f"unreadable record ({type(e).__name__}: {e})"[:500], "unreadable")
-
-
-def _text(value: str) -> bytes:
-    return value.encode("utf-8", "backslashreplace")  # lone surrogates cannot be encoded
-
-
-def dead_letter_headers(
-    record: ConsumerRecord[bytes, bytes], error: InvalidRecord, instance_id: str
-) -> list[tuple[str, bytes]]:
-    """The DLQ record's headers: the reason, the source, and the original headers."""
-    headers: list[tuple[str, bytes]] = [
-        ("dlq-reason", _text(error.reason)),
-        ("dlq-kind", _text(error.kind)),
-        ("dlq-source-topic", _text(record.topic)),
-        ("dlq-source-partition", str(record.partition).encode()),
-        ("dlq-source-offset", str(record.offset).encode()),
-        ("dlq-instance", _text(instance_id)),
-    ]
-    headers += [
-        (f"original-{k}", v if isinstance(v, bytes) else b"") for k, v in record.headers or ()
-    ]
-    return headers
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -99,6 +80,7 @@ class Worker:
         self.handler = handler
         self.registry = registry
         self.metrics = metrics
+        self.dead_letters = DeadLetters(producer, settings, metrics)
         self.offsets: dict[TopicPartition, PartitionOffsets] = {}
         self.lanes = Lanes(settings.max_concurrent_streams, self._run_work, self._finished)
         self.paused = False
@@ -126,6 +108,7 @@ class Worker:
             for t in background:
                 t.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.dead_letters.close()
             await self.commit()
 
     async def _drain(self) -> None:
@@ -202,20 +185,9 @@ class Worker:
             f"{found.error}); its bytes stay in {tp.topic} partition {tp.partition} at offset "
             f"{offset}"
         )
-        headers = [
-            ("dlq-reason", _text(reason)),
-            ("dlq-kind", b"undecodable"),
-            ("dlq-source-topic", _text(tp.topic)),
-            ("dlq-source-partition", str(tp.partition).encode()),
-            ("dlq-source-offset", str(offset).encode()),
-            ("dlq-instance", _text(self.settings.instance_id)),
-        ]
-        log.warning("record %s-%d@%d sent to the DLQ: %s", tp.topic, tp.partition, offset, reason)
-        self.metrics.dlq.labels("undecodable").inc()
-        # an empty value (the client could not read the original; a null key and value is refused)
-        await self.producer.send_and_wait(self.settings.dlq_topic, b"", headers=headers)
         offsets.add(offset)
-        offsets.done(offset)
+        letter = DeadLetter(tp.topic, tp.partition, offset, reason, "undecodable")
+        await self.dead_letters.submit(letter, functools.partial(offsets.done, offset))
         self.consumer.seek(tp, offset + 1)
 
     async def _take(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
@@ -228,8 +200,10 @@ class Worker:
                 offsets.add(record.offset)
                 request = decide(record)
                 if isinstance(request, InvalidRecord):
-                    await self._dead_letter(record, request)
-                    offsets.done(record.offset)
+                    await self.dead_letters.submit(
+                        DeadLetter.of(record, request),
+                        functools.partial(offsets.done, record.offset),
+                    )
                     continue
                 works.append(
                     Work(tp, record.offset, request, header(record.headers, "traceparent"), offsets)
@@ -256,22 +230,6 @@ class Worker:
                     "redis unavailable while taking records (attempt %d): %s", attempt + 1, e
                 )
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-
-    async def _dead_letter(
-        self, record: ConsumerRecord[bytes, bytes], error: InvalidRecord
-    ) -> None:
-        headers = dead_letter_headers(record, error, self.settings.instance_id)
-        log.warning(
-            "record %s-%d@%d sent to the DLQ: %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            error.reason,
-        )
-        self.metrics.dlq.labels(error.kind).inc()
-        await self.producer.send_and_wait(
-            self.settings.dlq_topic, record.value, key=record.key, headers=headers
-        )
 
     def _backpressure(self) -> None:
         size = len(self.lanes)

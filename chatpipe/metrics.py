@@ -95,6 +95,16 @@ class Metrics:
         self.dlq = Counter(
             "chatpipe_dlq_records", "Records sent to the DLQ", ["reason"], registry=r
         )
+        self.dlq_degraded = Counter(
+            "chatpipe_dlq_degraded",
+            "Dead letters not written whole: how=reference (source topic/partition/offset and "
+            "reason, no value: the copy was too large), how=skipped (refused even so)",
+            ["how"],
+            registry=r,
+        )
+        self.dlq_retries = Counter(
+            "chatpipe_dlq_send_retries", "DLQ writes retried after a transient error", registry=r
+        )
         self.lease_takeovers = Counter(
             "chatpipe_lease_takeovers",
             "Messages restarted after their owner's lease expired",

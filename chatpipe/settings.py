@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     # up to producer_linger_ms to batch records (chunks are not awaited: SSE does not wait)
     sink_tick_ms: float = 5.0
     producer_linger_ms: int = 20
+    # a dead letter over this many bytes (or refused by the broker as too large) is written as
+    # a reference: source topic/partition/offset and reason, no value (ai_consumer/dlq.py);
+    # the DLQ topic's max.message.bytes (chatpipe/topics.py)
+    dlq_max_record_bytes: int = 10 * 1024 * 1024
+    dlq_max_pending: int = 32  # dead letters waiting to be written; the next waits for room
     # move what start-up allocated out of the garbage collector's reach (chatpipe/gcwatch.py)
     gc_freeze: bool = True
 
