@@ -18,12 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from aiokafka.partitioner import murmur2
-from aiokafka.producer.transaction_manager import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, PidAndEpoch
 from redis.asyncio import Redis
 
+from chatpipe.clients import Producer
 from chatpipe.codec import cached_headers, dumps
 from chatpipe.errors import Unavailable
 from chatpipe.keys import Keys
@@ -58,7 +56,7 @@ class Sink:
         self,
         redis: Redis,
         state: State,
-        producer: AIOKafkaProducer,
+        producer: Producer,
         settings: Settings,
         metrics: Metrics,
     ) -> None:
@@ -266,8 +264,8 @@ class Sink:
             fut.add_done_callback(self._on_sent)
 
     def _failed(self, error: BaseException) -> None:
-        if isinstance(error, LOST_SEQUENCE):
-            reset_producer_id(self.producer)
+        # a refused sequence (a batch lost while the broker was away) renews the producer
+        # itself: chatpipe.clients.Producer
         self._kafka_errors += 1
         if self._kafka_errors in (1, 10, 100) or self._kafka_errors % 1000 == 0:
             log.warning("chat.responses delivery failed (%d so far): %s", self._kafka_errors, error)
@@ -275,29 +273,6 @@ class Sink:
     def _on_sent(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is not None:
             self._failed(fut.exception())  # type: ignore[arg-type]
-
-
-# The broker refuses every later record of a partition once an idempotent producer's batch was
-# lost (expired while the broker was away): its sequence numbers have a gap. The Java client
-# then takes a new producer id; aiokafka 0.14 does not, so chat.responses (and the tombstones
-# and the DLQ, same producer) would stay refused until the process restarts.
-LOST_SEQUENCE = (OutOfOrderSequenceNumber, UnknownProducerId)
-
-
-def reset_producer_id(producer: AIOKafkaProducer) -> None:
-    """Make an idempotent producer ask the broker for a new producer id (sequences from 0) before
-    its next send, as the Java client does after a lost batch. Idempotence holds again from then
-    on; only a batch in flight across the reset could be written twice."""
-    txn: Any = getattr(producer, "_txn_manager", None)
-    if txn is None or txn.transactional_id is not None or not txn.has_pid():
-        return
-    log.warning(
-        "Kafka refused our sequence numbers (a batch was lost while the broker was away): "
-        "taking a new producer id"
-    )
-    txn._pid_and_epoch = PidAndEpoch(NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
-    txn._pid_waiter = asyncio.get_running_loop().create_future()
-    txn._sequence_numbers.clear()
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,9 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
     KafkaError,
+    OutOfOrderSequenceNumber,
     SaslAuthenticationFailed,
+    UnknownProducerId,
     UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
@@ -230,15 +233,128 @@ async def start_bounded(
     raise KafkaConnectFailed(redact_text(message, [secret])) from None
 
 
-class Producer(AIOKafkaProducer):  # type: ignore[misc]
-    """AIOKafkaProducer whose start is bounded and explains its failures."""
+# The broker refuses every later record of a partition once an idempotent producer's batch
+# for it was lost (it expired while the broker was away: its sequence numbers have a gap), or
+# once the broker forgot the producer id. The Java client then takes a new producer id; aiokafka
+# 0.14 does not, so a producer would stay refused on that partition until the process restarts.
+LOST_SEQUENCE = (OutOfOrderSequenceNumber, UnknownProducerId)
+
+
+class Producer:
+    """chatpipe's Kafka producer (every process, every topic): an idempotent AIOKafkaProducer
+    whose start is bounded and explains its failures, and which is replaced by a fresh one (a
+    new producer id, sequences from 0) when the broker refuses its sequence numbers.
+
+    That replacement is the one recovery path of every producer of chatpipe (the api's, the
+    ai_consumer's for chat.responses, the DLQ and the tombstones, the listener's): a send that
+    fails with `LOST_SEQUENCE` starts it, sends made meanwhile wait for the fresh producer, and
+    the old one is stopped in the background (what it still holds is flushed or fails).
+    `send_and_wait` sends a refused record once more on the fresh producer (the broker wrote
+    nothing of a refused batch); `send`'s future fails, and the caller decides.
+    """
 
     def __init__(self, settings: Settings, **opts: Any) -> None:
-        super().__init__(**opts)
-        self._chatpipe_settings = settings
+        self._settings = settings
+        self._opts = opts
+        self._inner = AIOKafkaProducer(**opts)
+        self._renewing: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self.renewals = 0  # how many times the producer was replaced
+
+    @property
+    def client(self) -> Any:
+        """The current producer's cluster client (metadata)."""
+        return self._inner.client
 
     async def start(self) -> None:
-        await start_bounded(super().start, self.stop, self._chatpipe_settings, "producer")
+        await start_bounded(self._inner.start, self._inner.stop, self._settings, "producer")
+
+    async def stop(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+        await self._inner.stop()
+        await asyncio.gather(*self._retired, return_exceptions=True)
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        await self._ready()
+        partitions: set[int] = await self._inner.partitions_for(topic)
+        return partitions
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Enqueue one record; the future resolves with its RecordMetadata once acked."""
+        await self._ready()
+        inner = self._inner
+        future: asyncio.Future[Any] = await inner.send(
+            topic, value, key=key, partition=partition, timestamp_ms=timestamp_ms, headers=headers
+        )
+        future.add_done_callback(functools.partial(self._check, inner))
+        return future
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Any:
+        """Send one record and wait for its ack; a record refused for lost sequence numbers is
+        sent once more, on the fresh producer."""
+        for attempt in (1, 2):
+            future = await self.send(topic, value, key, partition, timestamp_ms, headers)
+            try:
+                return await future
+            except LOST_SEQUENCE:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _ready(self) -> None:
+        """Wait while the producer is being replaced."""
+        if self._renewing is not None:
+            await asyncio.shield(self._renewing)
+
+    def _check(self, inner: AIOKafkaProducer, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or not isinstance(future.exception(), LOST_SEQUENCE):
+            return
+        if inner is self._inner and self._renewing is None:
+            self._renewing = asyncio.get_running_loop().create_task(
+                self._renew(inner), name="kafka-producer-renew"
+            )
+
+    async def _renew(self, failed: AIOKafkaProducer) -> None:
+        log.warning(
+            "Kafka refused our sequence numbers (a batch was lost while the broker was away): "
+            "replacing the producer (a new producer id)"
+        )
+        delay = 0.5
+        try:
+            while True:
+                fresh = AIOKafkaProducer(**self._opts)
+                try:
+                    await start_bounded(fresh.start, fresh.stop, self._settings, "producer")
+                    break
+                except KafkaConnectFailed as e:
+                    log.warning("fresh producer could not start, retrying in %.1fs: %s", delay, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self._inner = fresh
+            self.renewals += 1
+        finally:
+            self._renewing = None
+        retire = asyncio.get_running_loop().create_task(failed.stop(), name="kafka-producer-retire")
+        self._retired.add(retire)
+        retire.add_done_callback(self._retired.discard)
 
 
 class Consumer(AIOKafkaConsumer):  # type: ignore[misc]
@@ -263,7 +379,7 @@ class Admin(AIOKafkaAdminClient):  # type: ignore[misc]
         await start_bounded(super().start, self.close, self._chatpipe_settings, "admin client")
 
 
-def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+def make_producer(settings: Settings, **overrides: Any) -> Producer:
     """Idempotent producer, acks=all: a 202 and a chunk mean 'in Kafka on every in-sync replica'."""
     opts: dict[str, Any] = {
         **kafka_common(settings),
@@ -413,10 +529,10 @@ class ProducerHandle:
     """A producer that may start after the process: the api comes up while Kafka is down and
     answers 503 until a producer connects (retried in the background), instead of crashing."""
 
-    def __init__(self, factory: Callable[[], AIOKafkaProducer], retry_s: float = 1.0) -> None:
+    def __init__(self, factory: Callable[[], Producer], retry_s: float = 1.0) -> None:
         self._factory = factory
         self._retry_s = retry_s
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: Producer | None = None
         self._task: asyncio.Task[None] | None = None
         self.last_error = "not started"
 
@@ -445,7 +561,7 @@ class ProducerHandle:
             await asyncio.sleep(self._retry_s)
         log.info("Kafka producer connected")
 
-    def get(self) -> AIOKafkaProducer:
+    def get(self) -> Producer:
         if self._producer is None:
             raise Unavailable(f"kafka: not connected ({self.last_error})")
         return self._producer

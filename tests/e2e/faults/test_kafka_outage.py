@@ -4,6 +4,13 @@ While it is away the api answers new chats with 503 and Retry-After within API_K
 (2 s here, 5 s by default), never hanging; answers already streaming go on through Redis and end
 with exactly one `done` on SSE, and their terminal event reaches chat.responses once the broker
 is back. Afterwards every process works again as it is (same pids, none restarted).
+
+Issue 12, item 5: every partition works again for every api. While the broker is away the chats
+are posted to one session per partition (not to new random sessions, which would land on a
+partition that still works and hide one that does not): an idempotent producer whose batch for
+a partition expired has a gap in that partition's sequence numbers, and the broker refuses its
+next record there with OutOfOrderSequenceNumber. Afterwards each of those sessions must be
+accepted again by each api.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import functools
 
 import httpx
 import pytest
+from aiokafka.partitioner import murmur2
 
 from chatpipe.settings import Settings
 from tests.e2e.cluster import Cluster, apoll, new_session
@@ -40,6 +48,15 @@ def cluster_shape() -> ClusterShape:
     return ClusterShape(consumers=1, ready_timeout=90)
 
 
+def sessions_per_partition(partitions: int) -> list[str]:
+    """One new session id for each partition (chatpipe keys chat.requests by session)."""
+    found: dict[int, str] = {}
+    while len(found) < partitions:
+        session = new_session()
+        found.setdefault((murmur2(session.encode()) & 0x7FFFFFFF) % partitions, session)
+    return [found[p] for p in range(partitions)]
+
+
 async def timed_post(api: Api, session: str) -> tuple[httpx.Response, float]:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -62,13 +79,29 @@ async def test_a_kafka_outage_gives_bounded_503s_and_everything_resumes(
         for s in streams:
             await s.wait_for(lambda evs: len(chunks(evs)) >= 1, within=20, what="a chunk")
 
-        await asyncio.to_thread(private.stop, "kafka")
-        stopped = loop.time()
+        # chats keep coming on every partition, from both apis, while the broker shuts down
+        # and while it is away (as in production: a producer sees the broker go)
+        each = sessions_per_partition(settings.topic_partitions)
         answers: list[tuple[int, str | None, float]] = []
-        while loop.time() - stopped < OUTAGE_S:
-            for api in (a, b):
-                response, took = await timed_post(api, new_session())
-                answers.append((response.status_code, response.headers.get("retry-after"), took))
+        stopped: list[float] = []  # when the broker was down
+
+        async def keep_posting() -> None:
+            while not stopped or loop.time() - stopped[0] < OUTAGE_S:
+                sent = loop.time()
+                posts = [timed_post(api, session) for api in (a, b) for session in each]
+                for response, took in await asyncio.gather(*posts):
+                    if stopped and sent >= stopped[0]:  # sent with the broker down
+                        status, retry = response.status_code, response.headers.get("retry-after")
+                        answers.append((status, retry, took))
+                await asyncio.sleep(0.2)  # sleep-ok: pacing the load, nothing to wait on
+
+        posting = asyncio.create_task(keep_posting())
+        try:
+            await asyncio.to_thread(private.stop, "kafka")
+            stopped.append(loop.time())
+            await posting
+        finally:
+            posting.cancel()
         ready = await a.client.get("/ready")
         assert ready.status_code == 503, ready.text
 
@@ -87,15 +120,20 @@ async def test_a_kafka_outage_gives_bounded_503s_and_everything_resumes(
         assert names.count("done") == 1, (message_id, names)
         assert names[-1] == "done", (message_id, names)
 
-    # back: both apis accept again and the consumer answers, with the same processes
-    async def accepted(api: Api) -> str | None:
-        response, _ = await timed_post(api, new_session())
+    # back: both apis accept again on every partition (the sessions they failed on during the
+    # outage), and the consumer answers, with the same processes
+    async def accepted(api: Api, session: str) -> str | None:
+        response, _ = await timed_post(api, session)
         return str(response.json()["message_id"]) if response.status_code == 202 else None
 
+    back = loop.time()
     for api in (a, b):
-        message_id = await apoll(
-            f"{api.name} to accept chats again", functools.partial(accepted, api), 60
-        )
+        for partition, session in enumerate(each):
+            message_id = await apoll(
+                f"{api.name} to accept chats again on partition {partition}",
+                functools.partial(accepted, api, session),
+                max(5.0, 60 - (loop.time() - back)),
+            )
         async with api.stream(message_id) as stream:
             events = await stream.until_done(within=60)
         assert [d.json()["status"] for d in dones(events)] == ["completed"], events
