@@ -353,9 +353,7 @@ class Worker:
         interval = self.settings.lease_ms / 3000
         while True:
             await asyncio.sleep(interval)
-            owned = [
-                (s.message_id, s.session_id, s.epoch) for s in self.registry.running.values()
-            ]
+            owned = [(s.message_id, s.session_id, s.epoch) for s in self.registry.running.values()]
             try:
                 lost = await self.state.refresh_leases(owned, self.settings.instance_id)
             except RedisError as e:

@@ -51,8 +51,18 @@ class FakePipeline:
 
 
 class FakeWriter:
+    """Every stream's last entry is `last`: the hub starts a new subscriber there at the latest."""
+
+    last = b"99-0"
+
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline()
+
+    async def xrevrange(self, name: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        return [(self.last, {})]
+
+    async def xrange(self, name: str, min: str, max: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        return []
 
 
 def new_hub(queue_size: int = 100) -> tuple[Hub, Metrics]:
