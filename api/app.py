@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from api.auth import Authenticator, Forbidden, Unauthenticated, secure_openapi
+from api.guard import BodyTooLarge, GuardBodies
 from api.hub import Hub, InvalidStreamId
 from api.limits import Full, Limited, RateLimiter, StreamLimits
 from api.middleware import RequestCounter
@@ -36,11 +37,26 @@ STATUS = {
     Forbidden: 403,
     Conflict: 409,
     TooLarge: 413,
+    BodyTooLarge: 413,
     NotFound: 404,
     Limited: 429,
     Full: 503,
     Unavailable: 503,
 }
+
+
+def error_response(exc: ChatpipeError, settings: Settings) -> JSONResponse:
+    """The api's answer to an error: its status, `{"detail": reason}` and the headers that
+    tell the caller what to do (Retry-After, WWW-Authenticate)."""
+    status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+    headers: dict[str, str] | None = None
+    if isinstance(exc, Limited):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif status == 503:
+        headers = {"Retry-After": str(settings.retry_after_s)}
+    elif status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -121,6 +137,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     secure_openapi(app, auth)
 
+    # credentials and size before the body is read (inside CORS: its answers get CORS headers)
+    app.add_middleware(
+        GuardBodies,
+        auth=auth,
+        max_bytes=settings.api_max_body_bytes,
+        refuse=lambda e: error_response(e, settings),
+    )
     app.add_middleware(RequestCounter)
     origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
     if origins:  # empty: no CORS headers, browsers allow same-origin only
@@ -135,16 +158,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ChatpipeError)
     async def on_error(request: Request, exc: ChatpipeError) -> JSONResponse:
-        status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
-        headers: dict[str, str] | None = None
-        if isinstance(exc, Limited):
-            headers = {"Retry-After": str(exc.retry_after_s)}
-        elif status == 503:
-            headers = {"Retry-After": str(settings.retry_after_s)}
-        elif status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        if status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+        answer = error_response(exc, settings)
+        if answer.status_code >= 500:
+            log.warning(
+                "%s %s -> %d: %s", request.method, request.url.path, answer.status_code, exc
+            )
+        return answer
 
     return app

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import jwt
 from fastapi import Depends, FastAPI, Query, Request
+from starlette.datastructures import Headers
 
 from chatpipe.errors import ChatpipeError
 from chatpipe.schemas import ID_PATTERN
@@ -24,6 +25,7 @@ from chatpipe.settings import Settings
 from chatpipe.tokens import StreamTokenError, StreamTokens
 
 USER_ID = re.compile(ID_PATTERN)
+PRINCIPAL = "chatpipe.principal"  # the scope key of a caller api/guard.py authenticated
 
 
 class Unauthenticated(ChatpipeError):
@@ -164,17 +166,17 @@ class Authenticator:
         return Principal(sub)
 
 
-def credential(request: Request) -> str | None:
+def credential_of(headers: Headers) -> str | None:
     """`Authorization: Bearer <token>`, else `X-API-Key`. Read by hand rather than with
     FastAPI's security classes, so the OpenAPI document declares security only when it is on
     (`secure_openapi`)."""
-    header = request.headers.get("authorization")
+    header = headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthenticated("Authorization must be `Bearer <token>`")
         return value.strip()
-    return request.headers.get("x-api-key")
+    return headers.get("x-api-key")
 
 
 def authenticator(request: Request) -> Authenticator:
@@ -187,7 +189,8 @@ async def caller(request: Request) -> Principal | None:
     auth = authenticator(request)
     if not auth.enabled:
         return None
-    return auth.authenticate(credential(request))
+    checked: Principal | None = request.scope.get(PRINCIPAL)  # api/guard.py, before the body
+    return checked or auth.authenticate(credential_of(request.headers))
 
 
 async def stream_caller(
@@ -212,7 +215,7 @@ async def stream_caller(
                 raise Forbidden(e.reason) from None
             raise Unauthenticated(e.reason) from None
         return Principal(grant.user_id)
-    return auth.authenticate(credential(request))
+    return auth.authenticate(credential_of(request.headers))
 
 
 Caller = Annotated[Principal | None, Depends(caller)]

@@ -77,6 +77,7 @@ SEND_SAFE_LAYERS = frozenset(
         ("fastapi._body_limit", "AppBodyLimitMiddleware"),
         ("starlette.middleware.cors", "CORSMiddleware"),
         ("api.middleware", "RequestCounter"),
+        ("api.guard", "GuardBodies"),
         ("starlette.middleware.exceptions", "ExceptionMiddleware"),
         ("fastapi.middleware.asyncexitstack", "AsyncExitStackMiddleware"),
     }
@@ -200,8 +201,9 @@ class SSEResponse(Response):
             return  # nothing can reach the client any more
         if pump in done and not pump.cancelled() and pump.exception() is not None:
             raise pump.exception()  # type: ignore[misc]
-        # the events ended (done, hub stopped) or the server is shutting down
-        await raw({"type": "http.response.body", "body": b"", "more_body": False})
+        # the events ended (done, hub stopped) or the server is shutting down; the end of the
+        # body waits for the client to take what is buffered, bounded like every other send
+        await self._bounded(raw({"type": "http.response.body", "body": b"", "more_body": False}))
 
     def _until_check(self, now: float) -> float | None:
         timeout, heartbeat = self.send_timeout_s, self.heartbeat_s
@@ -226,7 +228,11 @@ class SSEResponse(Response):
         the one that watches the sends."""
         ping = b": ping - %s\r\n\r\n" % str(datetime.now(UTC)).encode()
         self._last_ping = now
-        sent = send({"type": "http.response.body", "body": ping, "more_body": True})
+        await self._bounded(send({"type": "http.response.body", "body": ping, "more_body": True}))
+
+    async def _bounded(self, sent: Awaitable[None]) -> None:
+        """A send made outside the pump (which the handler task watches), bounded by the send
+        timeout itself."""
         if self.send_timeout_s <= 0:
             await sent
             return

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     max_message_bytes: int = 32 * 1024
+    # a request body over this is refused 413 before it is read (api/guard.py)
+    api_max_body_bytes: int = 1 << 20
     sse_heartbeat_s: float = 15.0
     # a client that takes none of its SSE bytes for this long (TCP window closed) is dropped
     sse_send_timeout_s: float = 30.0
@@ -126,6 +128,9 @@ class Settings(BaseSettings):
     # --- cancel listener (standalone): tombstones of cancel records whose work is done --
     cancel_sweep_interval_s: float = 60.0  # how often pending cancels are looked up; 0 = off
     cancel_record_max_age_s: int = 86400  # a cancel of a message Redis never saw, this old: gone
+    # a message that ended `cancelled` is its streamer's to tombstone: the sweeper does it only
+    # if no tombstone was read once the record is this old (the streamer died first)
+    cancel_sweep_grace_s: float = 120.0
 
     # --- Redis lifetimes ---------------------------------------------------------------
     active_ttl_s: int = 300
