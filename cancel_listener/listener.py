@@ -195,6 +195,8 @@ class CancelListener:
         cancels = []
         for r in records:
             if r.value is None:
+                if self.sweeper is not None and r.key is not None:
+                    self.sweeper.tombstone_seen(r.key)
                 continue
             if self.on_record is not None and r.key is not None:
                 self.on_record(r.key)

@@ -10,12 +10,16 @@ listener start. The standalone cancel listener runs it; the listeners inside the
 do not (one sweeper is enough, and a second tombstone of a key is harmless).
 
 Each record the listener mirrors is reported with the result of its mirror:
-- the message is final, or the cancel is another user's: the record is tombstoned at once (and
-  so is a record that is not a cancel at all);
-- the flag was set (the message is queued, streaming, or not seen yet): the key is kept, and
-  every `interval_s` the pending keys are looked up in one pipeline: a message that is final
-  now is tombstoned; one that Redis does not know is tombstoned once its record is older than
-  `max_age_s` (its request never came, or its state expired long ago).
+- the cancel is another user's: the record is tombstoned at once (and so is a record that is
+  not a cancel at all);
+- otherwise the key is kept, and every `interval_s` the pending keys are looked up in one
+  pipeline: a message that ended `completed` or `failed` is tombstoned (no streamer will: it
+  tombstones only what it cancelled); one that ended `cancelled` is its streamer's to tombstone,
+  so the sweeper does it only once the record is older than `grace_s` and no tombstone of the
+  key has been read meanwhile (the streamer died first) — one cancel, one tombstone, not two;
+  one that Redis does not know is tombstoned once its record is older than `max_age_s` (its
+  request never came, or its state expired long ago).
+A tombstone the listener reads drops its key from the pending set.
 
 Only a record under its canonical key (chatpipe.keys.cancel_record_key) is tombstoned: under
 another key (a producer that did not escape `:` in its ids) the same key may name another
@@ -64,6 +68,7 @@ class CancelSweeper:
         metrics: Metrics,
         max_age_s: float,
         interval_s: float,
+        grace_s: float = 120.0,
         remember: int = 100_000,
     ) -> None:
         self.state = state
@@ -71,6 +76,7 @@ class CancelSweeper:
         self.metrics = metrics
         self.max_age_s = max_age_s
         self.interval_s = interval_s
+        self.grace_s = grace_s
         self._remember = remember
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
 
@@ -84,15 +90,19 @@ class CancelSweeper:
         if seen.key != cancel_record_key(c.session_id, c.message_id).encode():
             self.metrics.cancel_tombstones.labels("noncanonical_key_kept").inc()
             return
-        if mirrored <= 0:
+        if mirrored < 0:
             self._pending.pop(seen.key, None)
-            await self._tombstone(seen.key, "final" if mirrored == 0 else "forbidden")
+            await self._tombstone(seen.key, "forbidden")
             return
         self._pending[seen.key] = _Pending(c.message_id, seen.timestamp_ms)
         self._pending.move_to_end(seen.key)
         while len(self._pending) > self._remember:
             # forgotten here, not in the topic: the next replay (a listener start) finds it
             self._pending.popitem(last=False)
+
+    def tombstone_seen(self, key: bytes) -> None:
+        """The listener read a tombstone of `key` (a streamer's, or ours): nothing left to do."""
+        self._pending.pop(key, None)
 
     async def unreadable(self, key: bytes) -> None:
         """A record under `key` that is not a cancel: it can never do anything, tombstone it."""
@@ -108,9 +118,14 @@ class CancelSweeper:
         states = await self.state.states([p.message_id for _, p in items])
         done = 0
         for (key, p), state in zip(items, states, strict=True):
-            if state in FINAL_STATES:
+            age_ms = now_ms - p.timestamp_ms
+            if state == "cancelled":  # its streamer tombstones it; we do if it did not
+                if age_ms <= self.grace_s * 1000:
+                    continue
                 why = "final"
-            elif state is None and now_ms - p.timestamp_ms > self.max_age_s * 1000:
+            elif state in FINAL_STATES:
+                why = "final"
+            elif state is None and age_ms > self.max_age_s * 1000:
                 why = "stale"
             else:
                 continue

@@ -42,6 +42,7 @@ def cluster_env() -> dict[str, object]:
     return {
         "enforce_ownership": True,
         "cancel_sweep_interval_s": 0.3,
+        "cancel_sweep_grace_s": 1.0,
         "cancel_record_max_age_s": 3600,
     }
 
