@@ -20,6 +20,8 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatpipe.clients import Producer
 from chatpipe.codec import cached_headers, dumps
@@ -77,6 +79,7 @@ class Sink:
         self._kafka_errors = 0
         self._tick_s = settings.sink_tick_ms / 1000
         self._recheck_s = settings.lease_ms / 4000
+        self._retry_s = settings.sink_redis_retry_s
         # murmur2 of each session key, computed once per message instead of once per chunk
         self._hashes: dict[bytes, int] = {}
 
@@ -165,24 +168,38 @@ class Sink:
         partitions = self.producer.client.cluster.partitions_for_topic(self.topic)
         return sorted(partitions) if partitions else None
 
+    async def _write(self, batch: list[Outgoing]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for o in batch:
+                first = o.sse_event != "chunk"  # started | restart: the run's first event
+                await self.state.write(
+                    pipe, o.message_id, o.session_id, o.epoch, o.sse_event, o.seq, o.sse_data, first
+                )
+            return list(await pipe.execute())
+
+    async def _write_retrying(self, batch: list[Outgoing]) -> list[Any]:
+        """The batch's writes, sent again while Redis is unreachable for up to
+        SINK_REDIS_RETRY_S (a failover, a proxy restart, a reset connection: the streams pause
+        and go on). Sending again is safe: WRITE skips the events Redis already holds."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._retry_s
+        delay = 0.05
+        while True:
+            try:
+                return await self._write(batch)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                if loop.time() + delay > give_up:
+                    raise
+                self.metrics.sink_redis_retries.inc()
+                log.warning("redis write of %d events failed, retrying: %s", len(batch), e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def _flush(self, batch: list[Outgoing]) -> None:
         self.metrics.sink_batch.observe(len(batch))
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for o in batch:
-                    first = o.sse_event != "chunk"  # started | restart: the run's first event
-                    await self.state.write(
-                        pipe,
-                        o.message_id,
-                        o.session_id,
-                        o.epoch,
-                        o.sse_event,
-                        o.seq,
-                        o.sse_data,
-                        first,
-                    )
-                results = await pipe.execute()
-        except Exception as e:  # Redis down: every stream in the batch learns it
+            results = await self._write_retrying(batch)
+        except Exception as e:  # Redis down for good: every stream in the batch learns it
             err = Unavailable(f"redis: {e}")
             for o in batch:
                 if o.done is not None and not o.done.done():

@@ -92,6 +92,11 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
             registry=r,
         )
+        self.sink_redis_retries = Counter(
+            "chatpipe_sink_redis_retries",
+            "Batches of chunk writes sent to Redis again after a lost connection or a timeout",
+            registry=r,
+        )
         self.dlq = Counter(
             "chatpipe_dlq_records", "Records sent to the DLQ", ["reason"], registry=r
         )

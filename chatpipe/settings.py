@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     # perf (docs/benchmarks.md): the sink's Redis round trips (MGET flags + XADDs) are at
     # least this many ms apart, so more chunks share one; the producer of chat.responses waits
     # up to producer_linger_ms to batch records (chunks are not awaited: SSE does not wait)
+    # a write of chunks that cannot reach Redis is sent again for this long before the
+    # streams of its batch end failed (ai_consumer/sink.py)
+    sink_redis_retry_s: float = 10.0
     sink_tick_ms: float = 5.0
     producer_linger_ms: int = 20
     # a dead letter over this many bytes (or refused by the broker as too large) is written as

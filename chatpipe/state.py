@@ -232,12 +232,23 @@ return lost
 # run's epoch (or its hash is gone: Redis lost it, the run goes on as before); the caller
 # produces the event's Kafka record only after this answered >= 0. The first event of a run
 # gives the stream its TTL (refreshed with the lease; FINISH sets the final one).
+# A write is idempotent: `written` (the run's epoch and the last seq it wrote) makes a batch
+# sent again after a lost connection (the sink retries it: Redis may have applied part of it)
+# skip the events it already holds, so no chunk is in the stream twice.
 # KEYS msg stream cancel ; ARGV epoch event seq data maxlen ttl
 #   -> -1 lost (write refused) | 1 written, cancel requested | 0 written
 WRITE = """
-local f = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'cancel_requested')
+local f = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'cancel_requested', 'written')
 if f[1] and (f[1] ~= 'streaming' or f[2] ~= ARGV[1]) then return -1 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
+local again = false
+if f[4] then
+  local epoch, seq = string.match(f[4], '^(.*)/(%d+)$')
+  again = epoch == ARGV[1] and tonumber(seq) >= tonumber(ARGV[3])
+end
+if not again then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
+  if f[1] then redis.call('HSET', KEYS[1], 'written', ARGV[1] .. '/' .. ARGV[3]) end
+end
 if ARGV[6] ~= '' then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
 if f[3] == '1' or redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 return 0
