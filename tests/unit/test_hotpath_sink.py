@@ -47,6 +47,9 @@ class FakePipe:
         )  # sleep-ok: the round trip yields to the loop once, as a real one does
         if self.redis.down:
             raise ConnectionError("redis is away")
+        if self.redis.fail_next:
+            self.redis.fail_next -= 1
+            raise ConnectionError("connection reset by peer")
         out: list[Any] = []
         for op in self.ops:  # the WRITE script's answer: 1 cancel requested, else 0 written
             out.append(1 if self.redis.flags.get(op[3]) is not None else 0)
@@ -58,6 +61,7 @@ class FakeRedis:
         self.flags: dict[str, bytes] = {}
         self.round_trips: list[list[Any]] = []
         self.down = False
+        self.fail_next = 0  # round trips that fail before Redis is back (a blip)
 
     def pipeline(self, transaction: bool = True) -> FakePipe:
         return FakePipe(self)
@@ -96,8 +100,8 @@ class FakeProducer:
         return fut
 
 
-def build() -> tuple[Sink, FakeRedis, FakeProducer]:
-    settings = Settings()
+def build(**settings_overrides: Any) -> tuple[Sink, FakeRedis, FakeProducer]:
+    settings = Settings(**settings_overrides)
     redis, producer = FakeRedis(), FakeProducer()
     state = FakeState(Keys.from_settings(settings))
     sink = Sink(
@@ -160,8 +164,23 @@ async def test_a_terminal_leaves_after_its_chunks_with_its_headers() -> None:
     assert len({r["partition"] for r in producer.sent}) == 1
 
 
+async def test_a_redis_blip_is_retried_and_every_emitter_gets_its_answer() -> None:
+    sink, redis, producer = build(sink_redis_retry_s=5)
+    redis.fail_next = 2
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*(sink.emit(chunk(m, 0)) for m in ("m1", "m2")))
+            await sink._kafka.join()
+    finally:
+        await sink.stop(flush_timeout=1)
+    assert results == [WRITTEN, WRITTEN]
+    assert len(redis.round_trips) == 3  # two lost, then the one that landed
+    assert sorted(r["value"]["message_id"] for r in producer.sent) == ["m1", "m2"]  # once each
+
+
 async def test_redis_away_reaches_every_emitter_of_the_batch() -> None:
-    sink, redis, producer = build()
+    sink, redis, producer = build(sink_redis_retry_s=0.2)  # gives up after 0.2 s of retries
     redis.down = True
     sink.start()
     try:

@@ -45,6 +45,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 HALF = 50
 TOKENS = 36
 SHORT = 4
+LONG = 2 * TOKENS  # batch 2's answers that must outlive the leave (below)
 ANSWERED = ChatRequest(message_id="x", session_id="x", message="hello there")
 
 
@@ -100,26 +101,41 @@ async def test_join_and_leave_during_100_streams_answer_each_message_once(
         await wait_assigned(staying, after=before, within=30)
         join_at = assignment_times(staying)[before]
 
-        # rebalance 2: one leaves. SIGTERM: it stops fetching, finishes its running answers,
-        # then leaves the group; the second 50 are sent meanwhile, so the ones on its
-        # partitions wait for the rebalance and the others stream through it
+        # rebalance 2: one leaves, while answers stream (arranged, not hoped for). SIGTERM: the
+        # leaving one stops fetching, finishes its running answers (the first 50's, which end
+        # together, 18 s after they started), then leaves the group. On a quiet box the join
+        # takes under a second, so answers as long as the first 50's, sent after the join,
+        # ended before the leave (seen: the leave 1.4 s after the last of them). So the second
+        # 50's requests on the other consumers' partitions get answers twice as long, go first
+        # and stream; then SIGTERM; the requests on its partitions are sent meanwhile, so they
+        # wait for the rebalance. They get short answers: answered once, after it, is enough.
+        its_share = assignments(leaving)[-1]
+        tokens.update({s: SHORT if partition_of(s) in its_share else LONG for s in batch2})
+        first2 = [s for s in batch2 if tokens[s] == LONG]
+        then2 = [s for s in batch2 if tokens[s] == SHORT]
+        assert then2, f"no request of batch 2 on the leaving consumer's {its_share}"
+        assert first2, f"every request of batch 2 on the leaving consumer's {its_share}"
+
+        async def send(sessions: list[str]) -> list[str]:
+            sent = await asyncio.gather(
+                *((a, b)[i % 2].chat(s, max_tokens=tokens[s]) for i, s in enumerate(sessions))
+            )
+            session_of.update({x["message_id"]: x["session_id"] for x in sent})
+            return [x["message_id"] for x in sent]
+
+        ids2 = await send(first2)
+        streaming2 = await stack.enter_async_context(
+            recorded((b, a)[i % 2].stream(m) for i, m in enumerate(ids2))
+        )
+        await asyncio.gather(*(s.wait_for(lambda e: bool(chunks(e)), 20) for s in streaming2))
         before = len(assignments(staying))
         cluster.retire(leaving)
         leaving.signal(signal.SIGTERM)
-        # the requests that wait for the leave (on its partitions) get short answers: they only
-        # have to be answered once, after it; the others stream through it
-        its_share = assignments(leaving)[-1]
-        tokens.update({s: SHORT if partition_of(s) in its_share else TOKENS for s in batch2})
-        sent2 = await asyncio.gather(
-            *((a, b)[i % 2].chat(s, max_tokens=tokens[s]) for i, s in enumerate(batch2))
+        ids3 = await send(then2)
+        streams += streaming2 + await stack.enter_async_context(
+            recorded((b, a)[i % 2].stream(m) for i, m in enumerate(ids3))
         )
-        ids2 = [x["message_id"] for x in sent2]
-        session_of.update({x["message_id"]: x["session_id"] for x in sent2})
-        assert SHORT in tokens.values(), f"no request on the leaving consumer's {its_share}"
-        streams += await stack.enter_async_context(
-            recorded((b, a)[i % 2].stream(m) for i, m in enumerate(ids2))
-        )
-        ids += ids2
+        ids += ids2 + ids3
         await wait_assigned(staying, after=before, within=40)
         leave_at = assignment_times(staying)[before]
         code = await asyncio.to_thread(leaving.terminate, 30)
