@@ -148,13 +148,14 @@ class ChatService:
                     ),
                 )
             except Unavailable:
+                # 503 means "not queued": the record, should Kafka take it late, is skipped
+                ids = {"message_id": request.message_id, "session_id": request.session_id}
                 try:
-                    await self._bounded("redis", self.state.forget(request.message_id))
+                    if not await self._bounded("redis", self.state.withdraw(request.message_id)):
+                        log.info("chat queued after all (a consumer has it)", extra=ids)
+                        return request
                 except Unavailable:
-                    log.warning(
-                        "could not forget an unsent message",
-                        extra={"message_id": request.message_id, "session_id": request.session_id},
-                    )
+                    log.warning("could not withdraw an unsent message", extra=ids)
                 raise
         log.info(
             "chat queued",

@@ -220,6 +220,10 @@ async def start_bounded(
         error: BaseException = TimeoutError()
     except (KafkaError, OSError) as e:
         error = e
+    except asyncio.CancelledError:  # a shutdown during the start: the client is not leaked
+        with contextlib.suppress(Exception):
+            await stop()
+        raise
     with contextlib.suppress(Exception):
         await stop()
     try:

@@ -40,12 +40,27 @@ if ARGV[5] == '1' then
     if owner and owner ~= ARGV[2] then return 'forbidden' end
   end
 end
-if state then return state end
+if state and state ~= 'withdrawn' then return state end
 if ARGV[5] == '1' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[6]) end
+-- a withdrawn id (its first POST answered 503) is the client's retry: accepted anew
+if state then redis.call('HDEL', KEYS[1], 'published') end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'session', ARGV[1], 'user', ARGV[2],
            'created', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'ok'
+"""
+
+# The api answered 503 (Kafka did not ack in time): the request was not queued, so its record,
+# if Kafka takes it late, must not be answered. A claim skips a withdrawn message (published
+# '1': there is no terminal to publish); the client's retry with the same message_id is
+# accepted anew (ACCEPT). Only a message no consumer has claimed (no epoch) is withdrawn.
+# KEYS msg ; ARGV ttl -> 1 withdrawn | 0 not (a consumer has it already)
+WITHDRAW = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'withdrawn', 'published', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 # Seen on chat.requests (also requests produced straight to Kafka by other frontends).
@@ -118,6 +133,7 @@ return 1
 #      | {'cancel', restart, next_seq, epoch} | {'start', restart, next_seq, epoch}
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'withdrawn' then return {'final', state} end
 if state == 'completed' or state == 'failed' or state == 'cancelled' then
   -- a terminal event whose Kafka ack was never recorded (its finisher died or was stopped
   -- before it): published again by whoever claims it next, unless its finisher still holds
@@ -306,6 +322,7 @@ class State:
         self._refresh = redis.register_script(REFRESH)
         self._write = redis.register_script(WRITE)
         self._published = redis.register_script(PUBLISHED)
+        self._withdraw = redis.register_script(WITHDRAW)
 
     # --- api ---------------------------------------------------------------------------
     async def accept(
@@ -334,9 +351,12 @@ class State:
         value = await self.redis.get(self.keys.owner(session_id))
         return _s(value) if value is not None else None
 
-    async def forget(self, message_id: str) -> None:
-        """Undo `accept` when the request never reached Kafka."""
-        await self.redis.delete(self.keys.msg(message_id))
+    async def withdraw(self, message_id: str) -> bool:
+        """The api could not queue the request (Kafka did not ack in time): mark it so that
+        its record, should Kafka take it late, is not answered (WITHDRAW). False: a consumer
+        has it already (it was queued after all)."""
+        keys = [self.keys.msg(message_id)]
+        return bool(await self._withdraw(keys=keys, args=[self.settings.msg_ttl_s]))
 
     async def cancel(
         self, session_id: str, message_id: str, user_id: str | None = None, enforce: bool = False
@@ -366,7 +386,9 @@ class State:
         return {_s(k): _s(v) for k, v in raw.items()}
 
     async def exists(self, message_id: str) -> bool:
-        return bool(await self.redis.exists(self.keys.msg(message_id)))
+        """Redis knows the message (a withdrawn one, never queued, is not counted)."""
+        state = await self.redis.hget(self.keys.msg(message_id), "state")
+        return state is not None and state != b"withdrawn"
 
     async def states(self, message_ids: Sequence[str]) -> list[str | None]:
         """The state of each message (None: Redis does not know it), in one round trip."""

@@ -483,3 +483,25 @@ async def test_a_streaming_message_stream_has_a_ttl_from_its_first_event(
     await redis.expire(keys.stream("m-1"), 10)
     assert await state.refresh_leases([("m-1", "s-1", run.epoch)], A) == []
     assert 290 < await redis.ttl(keys.stream("m-1")) <= 300  # refreshed with the lease
+
+
+async def test_a_withdrawn_message_is_skipped_by_a_claim_and_its_retry_is_accepted_anew(
+    state: State,
+) -> None:
+    """The api answered 503 (Kafka did not ack in time) and withdrew the message: a record
+    Kafka took late is not answered; the client's retry with the same message_id is."""
+    await queued(state)
+    assert await state.withdraw("m-1")
+    assert not await state.exists("m-1")  # its stream URL answers 404
+    late = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    assert (late.outcome, late.detail) == ("final", "withdrawn")
+    assert await state.accept("m-1", "s-1", "u-1", NOW) == "ok"  # the retry
+    assert (await state.claim("m-1", "s-1", "u-1", A, NOW)).outcome == "start"
+    assert (await state.claim("m-1", "s-1", "u-1", B, NOW)).outcome == "owned"  # one answer
+
+
+async def test_a_message_a_consumer_has_is_not_withdrawn(state: State) -> None:
+    await queued(state)
+    await state.claim("m-1", "s-1", "u-1", A, NOW)  # Kafka had it after all
+    assert not await state.withdraw("m-1")
+    assert (await state.message("m-1"))["state"] == "streaming"
