@@ -7,6 +7,13 @@ the batch's messages (one MGET) and one XADD per event; then it enqueues the bat
 records, in order, as one item. While a round trip is in flight new events pile up, so the
 batch grows with load (measured in notes/field-notes.md: ~40 us of CPU per chunk batched
 against ~190 us with a round trip each).
+
+While Kafka is away chunks keep coming (SSE goes on through Redis), so the chunk records
+waiting for the broker are bounded: at most SINK_KAFKA_MAX_PENDING wait (the ones beyond are
+not produced), and one that waited longer than SINK_CHUNK_MAX_AGE_S is dropped when its turn
+comes, so a terminal event does not wait behind minutes of stale chunks once the broker is
+back. Both are counted (`chatpipe_sink_dropped_records_total{why}`); a Kafka reader sees the
+gap in `seq` and the terminal's `chunks`. Terminal events are never dropped.
 """
 
 from __future__ import annotations
@@ -77,6 +84,10 @@ class Sink:
         self._kafka: asyncio.Queue[list[_Record]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._kafka_errors = 0
+        self._queued = 0  # chunk records in self._kafka
+        self._max_queued = settings.sink_kafka_max_pending
+        self._max_age_s = settings.sink_chunk_max_age_s
+        self._dropped = 0
         self._tick_s = settings.sink_tick_ms / 1000
         self._recheck_s = settings.lease_ms / 4000
         self._retry_s = settings.sink_redis_retry_s
@@ -218,20 +229,56 @@ class Sink:
                         message_id=o.message_id,
                         epoch=o.epoch,
                         checked_at=checked_at,
+                        chunk=o.kafka_type == "chat.chunk",
                     )
                 )
             else:
                 self.metrics.fenced_writes.inc()
             if o.done is not None and not o.done.done():
                 o.done.set_result(answer)
+        chunks = sum(1 for r in records if r.chunk)
+        room = max(self._max_queued - self._queued, 0)
+        if chunks > room:  # the newest chunks beyond the bound are not produced
+            self._drop(chunks - room, "full")
+            kept: list[_Record] = []
+            for r in records:
+                if r.chunk:
+                    if not room:
+                        continue
+                    room -= 1
+                kept.append(r)
+            records = kept
         if records:
+            self._queued += sum(1 for r in records if r.chunk)
             self._kafka.put_nowait(records)
+
+    def _drop(self, count: int, why: str) -> None:
+        self.metrics.sink_dropped.labels(why).inc(count)
+        before, self._dropped = self._dropped, self._dropped + count
+        if before == 0 or before // 10_000 != self._dropped // 10_000:
+            log.warning(
+                "chunk records for chat.responses dropped (%s; %d so far): Kafka is behind",
+                why,
+                self._dropped,
+            )
+
+    def _fresh(self, records: list[_Record]) -> list[_Record]:
+        """Chunk records that waited longer than SINK_CHUNK_MAX_AGE_S are left out."""
+        chunks = sum(1 for r in records if r.chunk)
+        self._queued -= chunks
+        if not chunks:
+            return records
+        oldest = asyncio.get_running_loop().time() - self._max_age_s
+        kept = [r for r in records if not r.chunk or r.checked_at >= oldest]
+        if len(kept) < len(records):
+            self._drop(len(records) - len(kept), "stale")
+        return kept
 
     async def _run_kafka(self) -> None:
         while True:
             records = await self._kafka.get()
             try:
-                records = await self._still_ours(records)
+                records = await self._still_ours(self._fresh(records))
                 partitions = self._partitions()
                 for record in records:
                     await self._send(record, partitions)
@@ -301,6 +348,7 @@ class _Record:
     message_id: str = ""  # a chunk's: the run whose Redis check let it out, and when
     epoch: str = ""
     checked_at: float = 0.0
+    chunk: bool = False  # a chat.chunk record: the only kind dropped when Kafka is behind
 
     def on_sent(self, fut: asyncio.Future[Any]) -> None:
         if self.delivered is None or self.delivered.done():

@@ -97,6 +97,14 @@ class Metrics:
             "Batches of chunk writes sent to Redis again after a lost connection or a timeout",
             registry=r,
         )
+        self.sink_dropped = Counter(
+            "chatpipe_sink_dropped_records",
+            "Chunk records for chat.responses not produced while Kafka was behind: why=full "
+            "(SINK_KAFKA_MAX_PENDING waited already), why=stale (waited over "
+            "SINK_CHUNK_MAX_AGE_S)",
+            ["why"],
+            registry=r,
+        )
         self.dlq = Counter(
             "chatpipe_dlq_records", "Records sent to the DLQ", ["reason"], registry=r
         )

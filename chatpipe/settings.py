@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     # a write of chunks that cannot reach Redis is sent again for this long before the
     # streams of its batch end failed (ai_consumer/sink.py)
     sink_redis_retry_s: float = 10.0
+    # chunk records waiting for Kafka (a broker outage): at most this many, none older than
+    # this (dropped, counted; terminal events never are): ai_consumer/sink.py
+    sink_kafka_max_pending: int = 100_000
+    sink_chunk_max_age_s: float = 30.0
     sink_tick_ms: float = 5.0
     producer_linger_ms: int = 20
     # a dead letter over this many bytes (or refused by the broker as too large) is written as

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from ai_consumer.sink import CANCEL, WRITTEN, Outgoing, Sink
+from ai_consumer.sink import CANCEL, WRITTEN, Outgoing, Sink, _Record
 from chatpipe.codec import headers_for
 from chatpipe.errors import Unavailable
 from chatpipe.keys import Keys
@@ -210,3 +210,59 @@ async def test_a_cancelled_emitter_leaves_the_others_of_its_batch_alone() -> Non
     finally:
         await sink.stop(flush_timeout=1)
     assert sorted(r["value"]["message_id"] for r in producer.sent) == ["m1", "m2"]
+
+
+class StalledProducer(FakeProducer):
+    """A broker that is away: every send waits until `back` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.back = asyncio.Event()
+
+    async def send(self, topic: str, value: bytes, **kw: Any) -> asyncio.Future[None]:
+        await self.back.wait()
+        return await super().send(topic, value, **kw)
+
+
+async def test_chunk_records_waiting_for_kafka_are_bounded_and_terminals_still_leave() -> None:
+    settings = Settings(sink_kafka_max_pending=5)
+    redis, producer = FakeRedis(), StalledProducer()
+    metrics = Metrics()
+    sink = Sink(
+        cast(Redis, redis),
+        cast(State, FakeState(Keys.from_settings(settings))),
+        cast(AIOKafkaProducer, producer),
+        settings,
+        metrics,
+    )
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            for seq in range(1, 21):  # SSE goes on: every emit is written to Redis
+                assert await sink.emit(chunk("m1", seq)) == WRITTEN
+            dropped = metrics.registry.get_sample_value(
+                "chatpipe_sink_dropped_records_total", {"why": "full"}
+            )
+            # 20 = the one the Kafka task holds (its send waits) + 5 waiting + the dropped
+            assert sink._queued == 5
+            assert dropped in (14, 15)
+            producer.back.set()
+            await sink.publish("s-m1", "chat.completed", {"type": "chat.completed", "seq": 21})
+    finally:
+        await sink.stop(flush_timeout=1)
+    seqs = [r["value"]["seq"] for r in producer.sent]
+    assert seqs[-1] == 21  # the terminal, after the chunks that were kept, in order
+    assert seqs == sorted(seqs)
+    assert len(seqs) == 20 - dropped + 1
+
+
+async def test_chunk_records_older_than_the_max_age_are_dropped_terminals_never() -> None:
+    sink, _, _ = build(sink_chunk_max_age_s=30)
+    now = asyncio.get_running_loop().time()
+    old = _Record(b"k", b"old", [], checked_at=now - 60, chunk=True)
+    started = _Record(b"k", b"started", [], checked_at=now - 60)  # chat.started: kept
+    fresh = _Record(b"k", b"fresh", [], checked_at=now, chunk=True)
+    terminal = _Record(b"k", b"done", [], delivered=asyncio.get_running_loop().create_future())
+    sink._queued = 2
+    assert sink._fresh([old, started, fresh, terminal]) == [started, fresh, terminal]
+    assert sink._queued == 0
