@@ -69,8 +69,12 @@ class Handler:
         value.update(extra)
         return value
 
-    async def handle(self, req: ChatRequest, traceparent: str | None = None) -> str:
+    async def handle(
+        self, req: ChatRequest, traceparent: str | None = None, takeover: bool = False
+    ) -> str:
         """Run `req` to its end. Returns what happened: a final state, or `skipped`.
+        `takeover`: `req` comes from Redis (its owner's lease lapsed: ai_consumer/takeover.py),
+        not from Kafka; when another instance holds it by now, it is left to that one.
 
         Redis or Kafka being away (RedisError, ChatpipeError) propagates: the worker retries the
         message. Anything else is a bug met by this message: it ends `failed` (one terminal
@@ -84,7 +88,7 @@ class Handler:
             self.tracing.span("chat.respond", traceparent, attributes) as traceparent,
         ):
             try:
-                return await self._handle(req, traceparent)
+                return await self._handle(req, traceparent, takeover)
             except (RedisError, ChatpipeError):
                 raise
             except Exception as e:
@@ -103,11 +107,13 @@ class Handler:
         seq = int(fields[b"s"]) + 1 if fields else 0
         return await self._finish(req, None, "failed", reason, seq, traceparent)
 
-    async def _handle(self, req: ChatRequest, traceparent: str | None) -> str:
+    async def _handle(self, req: ChatRequest, traceparent: str | None, takeover: bool) -> str:
         ids = {"message_id": req.message_id, "session_id": req.session_id}
+        # kept in Redis while it runs, for a takeover (a takeover's is there already)
+        request = b"" if takeover else req.to_json()
         while True:
             claim = await self.state.claim(
-                req.message_id, req.session_id, req.user_id, self.instance_id, _now()
+                req.message_id, req.session_id, req.user_id, self.instance_id, _now(), request
             )
             if claim.outcome == "final":
                 log.info("already %s, skipped", claim.detail, extra=ids)
@@ -118,6 +124,8 @@ class Handler:
                 return await self._republish(req, claim, traceparent)
             if claim.outcome != "owned":
                 break
+            if takeover:
+                return "skipped"  # another instance took it over first
             # another live instance streams it (a redelivery after a rebalance): wait until it
             # ends, or until its lease lapses and we take over
             await asyncio.sleep(self.settings.lease_ms / 2000)

@@ -12,6 +12,7 @@ from ai_consumer.handler import Handler
 from ai_consumer.llm.factory import make_provider
 from ai_consumer.registry import Registry
 from ai_consumer.sink import Sink
+from ai_consumer.takeover import Takeover
 from ai_consumer.tombstones import Tombstones
 from ai_consumer.wakeup import CancelWakeup
 from ai_consumer.worker import Worker
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def started(
     settings: Settings, metrics: Metrics, tracing: Tracing | None = None
-) -> AsyncIterator[tuple[Worker, CancelListener]]:
+) -> AsyncIterator[tuple[Worker, CancelListener, Takeover]]:
     redis = make_redis(settings, max_connections=max(16, settings.redis_max_connections))
     producer = make_producer(settings, linger_ms=settings.producer_linger_ms)
     consumer = make_consumer(
@@ -57,6 +58,7 @@ async def started(
         tombstones = Tombstones(send_tombstone)
         handler = Handler(settings, state, sink, tombstones, provider, registry, metrics, tracing)
         worker = Worker(settings, consumer, producer, state, handler, registry, metrics)
+        takeover = Takeover(settings, state, handler, registry, metrics)
 
         def interrupt(cancel: ChatCancel) -> None:
             if registry.cancel(cancel.message_id, cancel.requested_at.timestamp()):
@@ -80,7 +82,7 @@ async def started(
         wakeup = CancelWakeup(redis, state.keys.cancel_wakeup(), interrupt)
         woken = asyncio.create_task(wakeup.run(), name="cancel-wakeup")
         try:
-            yield worker, listener
+            yield worker, listener, takeover
         finally:
             woken.cancel()
             await asyncio.gather(woken, return_exceptions=True)
@@ -105,11 +107,20 @@ async def serve(settings: Settings) -> None:
 
 
 async def _serve(settings: Settings, metrics: Metrics, tracing: Tracing) -> None:
-    async with started(settings, metrics, tracing) as (worker, listener):
+    async with started(settings, metrics, tracing) as (worker, listener, takeover):
         loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+
+        def request_stop() -> None:  # a signal: flip state only
+            worker.request_stop()
+            stopping.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.request_stop)
+            loop.add_signal_handler(sig, request_stop)
         listen = asyncio.create_task(listener.run(), name="cancel-listener")
+        taking = asyncio.create_task(
+            takeover.serve(stopping, settings.shutdown_grace_s), name="takeover"
+        )
         gc_watch = GCWatch(metrics).install()
         log.info(
             "ai_consumer %s started (group %s, topic %s, max %d streams)",
@@ -121,6 +132,8 @@ async def _serve(settings: Settings, metrics: Metrics, tracing: Tracing) -> None
         try:
             await worker.run()
         finally:
+            stopping.set()
+            await asyncio.gather(taking, return_exceptions=True)
             gc_watch.uninstall()
             listener.request_stop()
             listen.cancel()

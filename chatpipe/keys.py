@@ -73,6 +73,10 @@ class Keys:
         streams the message interrupts it at once (a wake-up only: Kafka and the flag carry it)."""
         return f"{self.prefix}chat:cancel-wakeup"
 
+    def leases(self) -> str:
+        """Sorted set: message_id -> when its lease lapses (ms, Redis's clock), for takeovers."""
+        return f"{self.prefix}chat:leases"
+
     def owner(self, session_id: str) -> str:
         """user_id of the session's first sender (set once, atomically; TTL refreshed)."""
         return f"{self.prefix}chat:owner:{session_id}"

@@ -123,6 +123,13 @@ class Metrics:
             "Messages restarted after their owner's lease expired",
             registry=r,
         )
+        self.takeovers = Counter(
+            "chatpipe_takeovers",
+            "Messages taken over from Redis after their owner's lease lapsed (before Kafka "
+            "moved the partition), by how they ended",
+            ["result"],
+            registry=r,
+        )
         self.fenced_writes = Counter(
             "chatpipe_fenced_writes",
             "Events a run wrote after it lost its message (refused: a later run or the end won)",

@@ -151,7 +151,10 @@ class Settings(BaseSettings):
     sim_first_token_delay_ms: float = 0.0
     max_concurrent_streams: int = 256
     max_buffered_records: int = 0  # 0 = 4 x max_concurrent_streams
-    lease_ms: int = 10_000
+    # a stream's lease: a surviving instance takes the stream over this long after its owner
+    # died (ai_consumer/takeover.py), refreshed every third of it
+    lease_ms: int = 2_000
+    takeover_interval_ms: int = 250  # how often lapsed leases are looked up; 0 = off
     commit_interval_ms: int = 1000
     shutdown_grace_s: float = 10.0
     coalesce_ms: float = 0.0

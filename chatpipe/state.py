@@ -50,6 +50,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'ok'
 """
 
+# Messages whose lease lapsed, by Redis's clock (every instance agrees on it).
+# KEYS leases ; ARGV limit -> message ids
+LAPSED = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
+"""
+
 # The api answered 503 (Kafka did not ack in time): the request was not queued, so its record,
 # if Kafka takes it late, must not be answered. A claim skips a withdrawn message (published
 # '1': there is no terminal to publish); the client's retry with the same message_id is
@@ -126,8 +134,12 @@ return 1
 # With ownership enforced (ARGV enforce = '1'): a request without a user, or for a message id
 # another user sent, or in another user's session answers {'forbidden', why} before anything
 # changes; otherwise the session's owner key is set (first message) and its TTL refreshed.
-# KEYS msg lease cancel active stream owner
-# ARGV instance lease_ms session user now msg_ttl active_ttl message_id enforce owner_ttl
+# A run's lease is also in the sorted set `leases` (its lapse time, Redis's clock), and the
+# request in the message hash (`request`): a surviving instance takes over a message whose
+# lease lapsed from there, without waiting for Kafka's group to move the partition
+# (ai_consumer/takeover.py). FINISH removes both.
+# KEYS msg lease cancel active stream owner leases
+# ARGV instance lease_ms session user now msg_ttl active_ttl message_id enforce owner_ttl request
 #   -> {'final', state} | {'owned', owner} | {'forbidden', why}
 #      | {'republish', state, final_seq, reason, chunks}
 #      | {'cancel', restart, next_seq, epoch} | {'start', restart, next_seq, epoch}
@@ -158,6 +170,9 @@ end
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return {'owned', owner} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[7], t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[2], ARGV[8])
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'request', ARGV[11]) end
 local restart = 0
 if state == 'streaming' then restart = 1 end
 local next_seq = 0
@@ -185,8 +200,9 @@ return {'start', restart, next_seq, epoch}
 # The lease is kept (lease_ms, refreshed by the finisher) until the terminal's Kafka ack is
 # recorded (PUBLISHED): a claim meanwhile waits; one after a finisher that died re-publishes.
 # ARGV epoch '' : no run of ours to fence (a message failed or refused before it started).
-# KEYS msg lease cancel active stream ; ARGV instance wanted reason seq final_ttl message_id now
-#   maxlen epoch lease_ms chunks -> {final_state, reason, stream_id} | {'already', state}
+# KEYS msg lease cancel active stream leases ; ARGV instance wanted reason seq final_ttl
+#   message_id now maxlen epoch lease_ms chunks -> {final_state, reason, stream_id}
+#   | {'already', state}
 FINISH = """
 local f = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'cancel_requested')
 local state = f[1]
@@ -204,7 +220,8 @@ if final ~= 'cancelled' and (redis.call('EXISTS', KEYS[3]) == 1 or f[3] == '1') 
 end
 redis.call('HSET', KEYS[1], 'state', final, 'reason', reason, 'finished', ARGV[7],
            'final_seq', ARGV[4], 'chunks', ARGV[11])
-redis.call('HDEL', KEYS[1], 'published')
+redis.call('HDEL', KEYS[1], 'published', 'request')
+redis.call('ZREM', KEYS[6], ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[10])
@@ -221,19 +238,24 @@ return {final, reason, id}
 # without us meanwhile: a later run holds it (its epoch is not ours) or it is final (a finished
 # message's lease is held only by its finisher, until its terminal is published). One another
 # instance holds is lost.
-# KEYS lease1 active1 msg1 stream1 lease2 ... ; ARGV instance lease_ms active_ttl epoch1 epoch2 ...
-#   -> lost indexes (1-based)
+# A refreshed lease's lapse time in `leases` moves with it.
+# KEYS leases lease1 active1 msg1 stream1 lease2 ... ; ARGV instance lease_ms active_ttl message_id1
+#   epoch1 message_id2 epoch2 ... -> lost indexes (1-based)
 REFRESH = """
 local lost = {}
-for i = 1, #KEYS, 4 do
-  local n = (i + 3) / 4
+local t = redis.call('TIME')
+local lapse = t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[2]
+for i = 2, #KEYS, 4 do
+  local n = (i + 2) / 4
   local owner = redis.call('GET', KEYS[i])
   local f = redis.call('HMGET', KEYS[i + 2], 'state', 'epoch')
-  local ours = (not f[1]) or ARGV[3 + n] == '' or f[2] == ARGV[3 + n]
+  local epoch = ARGV[3 + 2 * n]
+  local ours = (not f[1]) or epoch == '' or f[2] == epoch
   local final = f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled'
   if ours and (owner == ARGV[1] or (not owner and not final)) then
     redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
     if not final then
+      redis.call('ZADD', KEYS[1], lapse, ARGV[2 + 2 * n])
       redis.call('EXPIRE', KEYS[i + 1], ARGV[3])
       redis.call('EXPIRE', KEYS[i + 3], ARGV[3])
     end
@@ -323,6 +345,7 @@ class State:
         self._write = redis.register_script(WRITE)
         self._published = redis.register_script(PUBLISHED)
         self._withdraw = redis.register_script(WITHDRAW)
+        self._lapsed = redis.register_script(LAPSED)
 
     # --- api ---------------------------------------------------------------------------
     async def accept(
@@ -350,6 +373,21 @@ class State:
     async def session_owner(self, session_id: str) -> str | None:
         value = await self.redis.get(self.keys.owner(session_id))
         return _s(value) if value is not None else None
+
+    async def lapsed(self, limit: int) -> list[str]:
+        """Up to `limit` messages whose lease lapsed (by Redis's clock): their owner died, or
+        stopped without finishing them (a hand-over). Oldest lapse first."""
+        raw = await self._lapsed(keys=[self.keys.leases()], args=[limit])
+        return [_s(m) for m in raw]
+
+    async def takeover_request(self, message_id: str) -> bytes | None:
+        """The request of a message whose lease lapsed, or None when there is nothing to take
+        over (it ended, or Redis no longer holds its request): then it leaves `leases`."""
+        state, request = await self.redis.hmget(self.keys.msg(message_id), ["state", "request"])
+        if state == b"streaming" and request:
+            return request if isinstance(request, bytes) else str(request).encode()
+        await self.redis.zrem(self.keys.leases(), message_id)
+        return None
 
     async def withdraw(self, message_id: str) -> bool:
         """The api could not queue the request (Kafka did not ack in time): mark it so that
@@ -435,8 +473,17 @@ class State:
         await self._observe(keys=[self.keys.msg(message_id)], args=args, client=pipe)
 
     async def claim(
-        self, message_id: str, session_id: str, user_id: str | None, instance_id: str, now: str
+        self,
+        message_id: str,
+        session_id: str,
+        user_id: str | None,
+        instance_id: str,
+        now: str,
+        request: bytes = b"",
     ) -> Claim:
+        """Take the message for a run. `request`: its record value, kept in Redis while it
+        runs, so another instance can take it over when the lease lapses (b"": keep what is
+        there)."""
         k = self.keys
         keys = [
             k.msg(message_id),
@@ -445,6 +492,7 @@ class State:
             k.active(session_id),
             k.stream(message_id),
             k.owner(session_id),
+            k.leases(),
         ]
         s = self.settings
         args: list[Arg] = [
@@ -458,6 +506,7 @@ class State:
             message_id,
             int(s.ownership_enforced),
             s.session_owner_ttl_s,
+            request,
         ]
         raw = await self._claim(keys=keys, args=args)
         outcome = _s(raw[0])
@@ -500,6 +549,7 @@ class State:
             k.cancel(session_id, message_id),
             k.active(session_id),
             k.stream(message_id),
+            k.leases(),
         ]
         s = self.settings
         args: list[Arg] = [
@@ -586,15 +636,15 @@ class State:
         active key and the message's stream TTL); returns the indexes of those we lost."""
         if not owned:
             return []
-        keys: list[str] = []
-        epochs: list[Arg] = []
+        k = self.keys
+        keys: list[str] = [k.leases()]
+        runs: list[Arg] = []
         for entry in owned:
             message_id, session_id = entry[0], entry[1]
-            k = self.keys
             keys += [k.lease(message_id), k.active(session_id), k.msg(message_id)]
             keys.append(k.stream(message_id))
-            epochs.append(entry[2] if len(entry) > 2 else "")
+            runs += [message_id, entry[2] if len(entry) > 2 else ""]
         s = self.settings
-        args: list[Arg] = [instance_id, s.lease_ms, s.active_ttl_s, *epochs]
+        args: list[Arg] = [instance_id, s.lease_ms, s.active_ttl_s, *runs]
         lost = await self._refresh(keys=keys, args=args)
         return [int(i) - 1 for i in lost]

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from chatpipe.state import State
+from tests.e2e.cluster import apoll
 
 A, B = "instance-a", "instance-b"
 NOW = "2024-05-01T10:00:00.000000Z"
@@ -505,3 +506,31 @@ async def test_a_message_a_consumer_has_is_not_withdrawn(state: State) -> None:
     await state.claim("m-1", "s-1", "u-1", A, NOW)  # Kafka had it after all
     assert not await state.withdraw("m-1")
     assert (await state.message("m-1"))["state"] == "streaming"
+
+
+async def test_a_lapsed_lease_is_found_with_its_request_and_leaves_the_set_when_finished(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """ai_consumer/takeover.py's view: a run's lease lapses (its owner died): the message is
+    listed with the request it ran, a surviving instance claims it with a new epoch (fencing
+    the dead one), and once it is finished nothing is left to take over."""
+    state = State(redis, make_settings(**{**TTLS, "lease_ms": 200}))
+    await queued(state)
+    request = b'{"message_id": "m-1", "session_id": "s-1", "message": "hi"}'
+    first = await state.claim("m-1", "s-1", "u-1", A, NOW, request)
+    assert first.outcome == "start"
+    assert await state.lapsed(10) == []  # A's lease runs
+
+    async def lapsed() -> list[str] | None:
+        return await state.lapsed(10) or None
+
+    assert await apoll("A's lease to lapse", lapsed, within=5) == ["m-1"]
+    assert await state.takeover_request("m-1") == request
+    taken = await state.claim("m-1", "s-1", "u-1", B, NOW)  # the request is kept as it was
+    assert (taken.outcome, taken.restart) == ("start", True)
+    assert taken.epoch != first.epoch
+    assert await state.lapsed(10) == []  # B's lease runs
+    await state.finish("m-1", "s-1", B, "completed", "", 3, NOW, epoch=taken.epoch)
+    assert await state.takeover_request("m-1") is None
+    assert await redis.zcard(state.keys.leases()) == 0
+    assert "request" not in await state.message("m-1")

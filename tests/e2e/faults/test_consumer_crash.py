@@ -1,15 +1,19 @@
 """Issue 4, fault 1: kill -9 of the ai_consumer that is streaming a message.
 
 Real processes (2 api, 3 ai_consumer, 1 cancel_listener) on a Kafka + Redis of this module's
-own. The group notices the dead member after KAFKA_SESSION_TIMEOUT_MS (6 s, the broker's
-minimum) and its lease has lapsed by then (LEASE_MS 3 s), so the new owner restarts the message:
-the client sees `restart`, then the whole answer again, then one `done` (design §3.2).
+own, with the default LEASE_MS (2 s) and KAFKA_SESSION_TIMEOUT_MS (10 s). A surviving instance
+takes each of the dead one's streams over from Redis once its lease lapsed
+(ai_consumer/takeover.py), long before the group notices the dead member: the client sees
+`restart`, then the whole answer again, then one `done` (design §3.2). Issue 12: the stream
+goes on within 3 s of the kill (p50/p99 of the gap printed over at least 20 streams; the
+assertion leaves headroom for a loaded machine, but stays far below the session timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import statistics
 
 import pytest
 from redis.asyncio import Redis
@@ -44,8 +48,6 @@ def cluster_env() -> dict[str, object]:
         "sim_tokens": TOKENS,
         "sim_token_delay_ms": 150,
         "sim_first_token_delay_ms": 100,
-        "kafka_session_timeout_ms": 6000,
-        "lease_ms": 3000,
     }
 
 
@@ -53,7 +55,7 @@ async def test_kill_9_of_a_streaming_consumer_ends_every_message_once(
     cluster: Cluster, apis: tuple[Api, Api], settings: Settings, redis: Redis
 ) -> None:
     a, b = apis
-    sessions = [new_session() for _ in range(12)]
+    sessions = [new_session() for _ in range(60)]  # the victim streams 20 of them at least
     accepted = await asyncio.gather(*((a, b)[i % 2].chat(s) for i, s in enumerate(sessions)))
     ids = [x["message_id"] for x in accepted]
     # read each answer from the other api than the one that took it
@@ -71,9 +73,11 @@ async def test_kill_9_of_a_streaming_consumer_ends_every_message_once(
         affected = {m for m in ids if owner[m] == victim_id}
         assert affected, owner
         assert victim.kind == "ai_consumer", owner
+        assert len(affected) >= 20, owner
         cluster.retire(victim)
+        killed_at = asyncio.get_running_loop().time()
         victim.kill()
-        # detection (6 s session timeout) + the whole answer again (4.5 s), with headroom
+        # the takeover (the lease) + the whole answer again (4.5 s), with headroom
         await asyncio.gather(*(s.wait_done(within=45) for s in streams))
         events = {m: s.events for m, s in by_id.items()}
 
@@ -81,6 +85,15 @@ async def test_kill_9_of_a_streaming_consumer_ends_every_message_once(
     full_answer = "".join(
         simulated_tokens(ChatRequest(message_id="x", session_id="x", message="hello there"), TOKENS)
     )
+    # how long each stream of the victim stopped: from the kill to its first chunk after the
+    # restart, as the client received them
+    gaps = sorted(
+        chunks(events[m][kinds(events[m]).index("restart") + 1 :])[0].received - killed_at
+        for m in affected
+    )
+    p50, p99 = statistics.median(gaps), gaps[min(len(gaps) - 1, round(0.99 * len(gaps)))]
+    print(f"kill -9 -> stream goes on: p50 {p50:.2f} s, p99 {p99:.2f} s over {len(gaps)} streams")
+    assert p99 <= 6.0, gaps  # 3 s measured on a quiet box; 10 s + the rebalance without takeover
     for m in ids:
         evs = events[m]
         sse_checks(m, evs)

@@ -4,8 +4,17 @@ message's terminal event once it wakes (the lease fences its writes, on Redis an
 Real processes (2 api, 2 ai_consumer, 1 cancel_listener) on a private Kafka + Redis. One
 consumer is SIGSTOPped mid-answer; the other takes the message over once the lease lapsed and
 ends it with one terminal event; then the frozen one is woken (SIGCONT) with most of its answer
-still to stream. It must learn it lost the message before its next write: nothing of it may
-follow the terminal event on chat.responses, nor the `done` in the message's Redis stream.
+still to stream. It must learn it lost the message before its next write: nothing it writes
+once woken may follow the terminal event on chat.responses, nor the `done` in the message's
+Redis stream.
+
+What it wrote *before* the freeze is another matter: a chunk record still in the Kafka
+producer's buffer (up to PRODUCER_LINGER_MS, 20 ms) when the process stopped is sent when it
+wakes, after the terminal, and no client-side check can recall it (only a broker-side fence,
+Kafka transactions, could: docs/reliability.md, known gaps). The test freezes right after a
+chunk reached SSE, so such a record is likely; it allows those (seq at most the last one the
+frozen run had written to Redis when it stopped), wherever they land after the takeover
+began, and nothing later.
 """
 
 from __future__ import annotations
@@ -69,7 +78,14 @@ async def test_a_consumer_woken_after_losing_its_lease_writes_nothing_after_the_
         assert victim.kind == "ai_consumer", victim_id
         cluster.retire(victim)
         victim.signal(signal.SIGSTOP)
+        keys = Keys.from_settings(settings)
         try:
+            # what the frozen run had written when it stopped (its Kafka records come after)
+            last = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await redis.xrevrange(keys.stream(message_id), count=1),
+            )
+            written = int(last[0][1][b"s"])
 
             async def ended_by_another() -> bool | None:
                 fields = await redis.hmget(Keys.from_settings(settings).msg(message_id), ["state"])
@@ -90,11 +106,15 @@ async def test_a_consumer_woken_after_losing_its_lease_writes_nothing_after_the_
     sse_checks(message_id, sse)
     seen = await read_responses(settings, {session}, lambda evs: bool(terminal(evs)), within=20)
     mine = [e for e in seen if e.get("message_id") == message_id]
-    end = next(i for i, e in enumerate(mine) if e in terminal(mine))
-    after = [(e["type"], e["seq"], e["instance_id"]) for e in mine[end + 1 :]]
-    assert after == [], f"{len(after)} records after the terminal event: {after[:5]}..."
-    kafka_checks(message_id, seen)
-    assert mine[end]["instance_id"] != victim_id
+    # the frozen run's records that landed once the taker had begun: only chunks it had
+    # written before it stopped (its producer's buffer), never one it wrote once woken
+    taken = next(i for i, e in enumerate(mine) if e["instance_id"] != victim_id)
+    late = [e for e in mine[taken:] if e["instance_id"] == victim_id]
+    woken = [(e["type"], e["seq"]) for e in late if e["type"] != "chat.chunk" or e["seq"] > written]
+    assert woken == [], f"{len(woken)} records written after the wake-up: {woken[:5]}..."
+    print(f"{len(late)} chunk records from before the freeze landed after the takeover began")
+    rest = kafka_checks(message_id, [e for e in mine if e not in late])
+    assert rest[-1]["instance_id"] != victim_id
 
     # the Redis stream too: nothing after its `done`
     entries = cast(

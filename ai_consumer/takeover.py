@@ -1,0 +1,120 @@
+"""Takeover: a surviving instance continues a stream whose owner's lease lapsed, from Redis.
+
+Kafka moves a dead consumer's partitions only after the group's session timeout (10 s by
+default, 6 s at the broker's minimum), and its records of running messages are redelivered
+then. The stream need not wait that long: every run's lease is also in a sorted set of lapse
+times (chatpipe/state.py, CLAIM and REFRESH) and its request in the message hash. Every
+`TAKEOVER_INTERVAL_MS` each ai_consumer looks up the leases that lapsed (by Redis's clock) and,
+with room for more streams, claims them: CLAIM gives the run a new epoch (the dead or frozen
+owner's writes are fenced from then on) and the client sees `restart`, then the answer again,
+within about `LEASE_MS` of the kill.
+
+When the partition's new owner gets the Kafka record later, its claim finds the message owned
+by the taker (it waits, then skips it as final) or final already; per-session order holds,
+since the session's next messages are behind that record on the partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+
+from ai_consumer.handler import Handler
+from ai_consumer.registry import Registry
+from chatpipe.codec import parse_request
+from chatpipe.errors import InvalidRecord
+from chatpipe.metrics import Metrics
+from chatpipe.settings import Settings
+from chatpipe.state import State
+
+log = logging.getLogger(__name__)
+
+
+class Takeover:
+    def __init__(
+        self,
+        settings: Settings,
+        state: State,
+        handler: Handler,
+        registry: Registry,
+        metrics: Metrics,
+    ) -> None:
+        self.state = state
+        self.handler = handler
+        self.registry = registry
+        self.metrics = metrics
+        self.interval_s = settings.takeover_interval_ms / 1000
+        self.max_streams = settings.max_concurrent_streams
+        self._tasks: dict[str, asyncio.Task[str]] = {}
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def serve(self, stopping: asyncio.Event, grace_s: float) -> None:
+        """Scan until `stopping` is set, then give the streams taken over `grace_s` (beside the
+        worker's own drain)."""
+        if self.interval_s > 0:
+            await self.run(stopping)
+        await self.stop(grace_s)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Look for lapsed leases every interval until `stopping` is set."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval_s):
+                    await stopping.wait()
+            if stopping.is_set():
+                return
+            try:
+                await self.scan()
+            except Exception as e:  # Redis away: the next round tries again
+                log.warning("takeover scan failed: %s", e)
+
+    async def scan(self) -> int:
+        """Take over the lapsed messages there is room for. Returns how many were started."""
+        room = self.max_streams - len(self.registry.running)
+        if room <= 0:
+            return 0
+        started = 0
+        for message_id in await self.state.lapsed(room):
+            if message_id in self.registry.running or message_id in self._tasks:
+                continue
+            raw = await self.state.takeover_request(message_id)
+            if raw is None:
+                continue
+            try:
+                req = parse_request(raw)
+            except InvalidRecord as e:  # not ours to fix here: Kafka's redelivery handles it
+                log.warning("unreadable request kept for a takeover: %s", e.reason)
+                continue
+            task = asyncio.create_task(
+                self.handler.handle(req, takeover=True), name=f"takeover-{message_id}"
+            )
+            self._tasks[message_id] = task
+            task.add_done_callback(functools.partial(self._done, message_id))
+            started += 1
+        return started
+
+    def _done(self, message_id: str, task: asyncio.Task[str]) -> None:
+        self._tasks.pop(message_id, None)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:  # Redis or Kafka away mid-stream: the lease lapses again
+            log.warning("takeover of %s stopped: %s", message_id, error)
+        elif task.result() != "skipped":
+            self.metrics.takeovers.labels(task.result()).inc()
+
+    async def stop(self, grace_s: float) -> None:
+        """Give the streams taken over `grace_s` to end, then stop them (their leases lapse
+        and another instance takes them over in turn)."""
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
