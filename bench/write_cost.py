@@ -1,0 +1,88 @@
+"""Per-chunk cost of the sink's Redis write, old against new (issue 12 item 8), on a real Redis.
+
+old: one pipeline per batch of MGET (cancel flags) + one XADD per event (unfenced).
+new: one pipeline per batch of one WRITE script call per event (fenced by the run's epoch; it
+     also answers the cancel). Prints client CPU and Redis CPU (INFO commandstats) per event.
+
+    python -m bench.write_cost [--streams 100] [--batches 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from chatpipe.codec import dumps
+from chatpipe.settings import Settings
+from chatpipe.state import State
+
+NOW = "2024-05-01T10:00:00.000000Z"
+
+
+async def redis_usec(redis: Redis) -> float:
+    stats: dict[str, Any] = await redis.info("commandstats")
+    return float(sum(v["usec"] for v in stats.values()))
+
+
+async def run(url: str, streams: int, batches: int) -> None:
+    redis = Redis.from_url(url)
+    prefix = f"bench-write-{time.time_ns()}:"
+    state = State(redis, Settings(key_prefix=prefix))
+    ids = [f"m{i}" for i in range(streams)]
+    epochs = {}
+    for m in ids:
+        await state.accept(m, f"s-{m}", "u", NOW)
+        epochs[m] = (await state.claim(m, f"s-{m}", "u", "bench", NOW)).epoch
+    data = {"seq": 1, "delta": " token", "at": NOW}
+
+    async def old(seq: int) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.mget([state.keys.cancel(f"s-{m}", m) for m in ids])
+            for m in ids:
+                pipe.xadd(
+                    state.keys.stream(m),
+                    {"e": "chunk", "s": seq, "d": dumps(data)},
+                    maxlen=10_000,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+    async def new(seq: int) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for m in ids:
+                await state.write(pipe, m, f"s-{m}", epochs[m], "chunk", seq, data)
+            await pipe.execute()
+
+    for name, step in (("old MGET+XADD", old), ("new WRITE script", new)) * 2:
+        await step(0)  # warm up (scripts loaded)
+        server0, cpu0, wall0 = await redis_usec(redis), time.process_time(), time.perf_counter()
+        for seq in range(batches):
+            await step(seq)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        server = await redis_usec(redis) - server0
+        n = streams * batches
+        print(
+            f"{name:18s} {n} events in batches of {streams}: client CPU {cpu / n * 1e6:5.1f} us, "
+            f"Redis CPU {server / n:5.1f} us, wall {wall / n * 1e6:5.1f} us per event"
+        )
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--streams", type=int, default=100)
+    ap.add_argument("--batches", type=int, default=300)
+    a = ap.parse_args()
+    asyncio.run(run(a.redis, a.streams, a.batches))
+
+
+if __name__ == "__main__":
+    main()
