@@ -16,7 +16,7 @@ from ai_consumer.registry import LocalStream, Registry
 from ai_consumer.sink import CANCEL, LOST, Outgoing, Sink
 from ai_consumer.tombstones import Tombstones
 from chatpipe.codec import now_rfc3339
-from chatpipe.errors import ChatpipeError
+from chatpipe.errors import ChatpipeError, Reject, Retry
 from chatpipe.keys import cancel_record_key
 from chatpipe.logs import log_context
 from chatpipe.metrics import Metrics
@@ -76,8 +76,8 @@ class Handler:
         `takeover`: `req` comes from Redis (its owner's lease lapsed: ai_consumer/takeover.py),
         not from Kafka; when another instance holds it by now, it is left to that one.
 
-        Redis or Kafka being away (RedisError, ChatpipeError) propagates: the worker retries the
-        message. Anything else is a bug met by this message: it ends `failed` (one terminal
+        Redis or Kafka being away (RedisError, `Retry`) propagates: the worker retries the
+        message. A `Reject` ends it `failed` with its reason. Anything else is a bug met by this message: it ends `failed` (one terminal
         event) instead of staying `streaming` with an offset that never finishes.
 
         Every log line meanwhile carries the message's ids; with tracing on, its events carry
@@ -89,8 +89,15 @@ class Handler:
         ):
             try:
                 return await self._handle(req, traceparent, takeover)
-            except (RedisError, ChatpipeError):
-                raise
+            except (RedisError, Retry):
+                raise  # transient: the worker tries the message again
+            except Reject as e:
+                log.warning(
+                    "message rejected: %s",
+                    e.reason,
+                    extra={"message_id": req.message_id, "session_id": req.session_id},
+                )
+                return await self.fail(req, e.reason, traceparent)
             except Exception as e:
                 log.exception(
                     "handler crashed; ending the message failed",

@@ -29,7 +29,7 @@ from ai_consumer.lanes import Lanes, Work
 from ai_consumer.offsets import PartitionOffsets
 from ai_consumer.registry import Registry
 from chatpipe.codec import header, parse_request
-from chatpipe.errors import ChatpipeError, InvalidRecord
+from chatpipe.errors import InvalidRecord, Retry
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatRequest, rfc3339, utcnow
 from chatpipe.settings import Settings
@@ -253,11 +253,11 @@ class Worker:
             try:
                 await self.handler.handle(work.request, work.traceparent)
                 return
-            except (RedisError, ChatpipeError) as e:
+            except (RedisError, Retry) as e:
                 if self._stopping.is_set():
                     raise
                 log.warning(
-                    "redis unavailable, retrying message in %.1fs: %s",
+                    "redis or kafka unavailable, retrying message in %.1fs: %s",
                     delay,
                     e,
                     extra={

@@ -21,7 +21,7 @@ from api.routes import router
 from api.service import ChatService, Conflict, NotFound, TooLarge
 from api.stalled import App
 from chatpipe.clients import ProducerHandle, make_producer, make_redis
-from chatpipe.errors import ChatpipeError, Unavailable
+from chatpipe.errors import ChatpipeError, Retry, Unavailable
 from chatpipe.gcwatch import GCWatch
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
@@ -42,6 +42,7 @@ STATUS = {
     Limited: 429,
     Full: 503,
     Unavailable: 503,
+    Retry: 503,  # any other transient failure
 }
 
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from chatpipe.errors import Reject
 from chatpipe.schemas import ChatRequest
 
 
-class ProviderError(Exception):
+class ProviderError(Reject):
     """The upstream failed; `reason` is shown to the user in the `failed` event."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Provider(Protocol):
