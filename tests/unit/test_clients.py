@@ -24,6 +24,7 @@ from chatpipe.clients import (
     make_consumer,
     make_producer,
     redis_options,
+    start_bounded,
 )
 from chatpipe.settings import Settings
 
@@ -147,3 +148,24 @@ def test_redis_failures_read_as_causes_and_hide_the_password() -> None:
     assert "pw-123456" not in refused
     assert explain_redis_error(ResponseError("WRONGPASS invalid"), s) is not None
     assert explain_redis_error(ConnectionError("Connection refused"), s) is None  # retryable
+
+
+async def test_a_client_start_cancelled_by_a_shutdown_stops_the_client() -> None:
+    """Issue 12.4's leak: the api's producer retries its start in the background while Kafka
+    refuses it; the app stopping cancelled a start in flight and left that AIOKafkaProducer
+    unclosed (collected, and reported, in a later test's gc.collect())."""
+    starting, stopped = asyncio.Event(), asyncio.Event()
+
+    async def start() -> None:
+        starting.set()
+        await asyncio.Event().wait()  # the broker never answers
+
+    async def stop() -> None:
+        stopped.set()
+
+    task = asyncio.create_task(start_bounded(start, stop, settings(), "producer"))
+    await starting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stopped.is_set()
