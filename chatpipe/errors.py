@@ -44,3 +44,8 @@ class Unavailable(Retry):
 
 class TopicDrift(ChatpipeError):
     """An existing topic's partitions or configs differ from what the design asks for."""
+
+
+class DurabilityUnreachable(ChatpipeError):
+    """TOPIC_REPLICATION_FACTOR / TOPIC_MIN_INSYNC_REPLICAS cannot hold on this cluster: lower
+    them, or add brokers."""

@@ -67,7 +67,10 @@ class Settings(BaseSettings):
     topic_responses: str = "chat.responses"
     topic_dlq: str = "chat.requests.dlq"
     topic_partitions: int = 12
-    topic_replication_factor: int = 1
+    # durability of the topics `chatpipe topics` creates (and checks for drift): None = 3 on a
+    # cluster of 3+ brokers, else 1; min.insync.replicas None = RF - 1, at least 1
+    topic_replication_factor: int | None = None
+    topic_min_insync_replicas: int | None = None
     consumer_group: str = "chatpipe-ai"
 
     # --- process identity --------------------------------------------------------------

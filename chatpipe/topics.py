@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from chatpipe.errors import TopicDrift
+from chatpipe.errors import DurabilityUnreachable, TopicDrift
 from chatpipe.settings import Settings
 
 TOPIC_ALREADY_EXISTS = 36
@@ -20,12 +20,38 @@ class TopicSpec:
     name: str
     partitions: int
     configs: dict[str, str] = field(default_factory=dict)
+    replication_factor: int | None = None  # None: not checked (the cluster decides)
 
 
-def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The design's topics (§2): partitions and the configs we insist on."""
+@dataclass(frozen=True)
+class Durability:
+    """How many copies of each partition, and how many must have a record before it is acked
+    (with acks=all, which every chatpipe producer uses)."""
+
+    replication_factor: int
+    min_insync_replicas: int
+
+    @classmethod
+    def of(cls, settings: Settings, brokers: int) -> Durability:
+        rf = settings.topic_replication_factor or (3 if brokers >= 3 else 1)
+        min_isr = settings.topic_min_insync_replicas or max(1, rf - 1)
+        if rf > brokers:
+            raise DurabilityUnreachable(
+                f"TOPIC_REPLICATION_FACTOR={rf} but the cluster has {brokers} broker(s)"
+            )
+        if min_isr > rf:
+            raise DurabilityUnreachable(
+                f"TOPIC_MIN_INSYNC_REPLICAS={min_isr} is over TOPIC_REPLICATION_FACTOR={rf}: "
+                "no write could be acked"
+            )
+        return cls(rf, min_isr)
+
+
+def topic_specs(settings: Settings, durability: Durability | None = None) -> list[TopicSpec]:
+    """The design's topics (§2): partitions and the configs we insist on; with `durability`,
+    also their replication factor and min.insync.replicas."""
     n = settings.topic_partitions
-    return [
+    specs = [
         # big enough that an oversized record can be produced, read and dead-lettered whole
         TopicSpec(
             settings.requests_topic, n, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}
@@ -46,6 +72,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             settings.dlq_topic, 1, {"cleanup.policy": "delete", "max.message.bytes": MAX_BYTES}
         ),
     ]
+    if durability is None:
+        return specs
+    isr = {"min.insync.replicas": str(durability.min_insync_replicas)}
+    return [
+        TopicSpec(s.name, s.partitions, {**s.configs, **isr}, durability.replication_factor)
+        for s in specs
+    ]
 
 
 @dataclass
@@ -61,11 +94,16 @@ class TopicReport:
         return out
 
 
-async def _actual(
-    admin: AIOKafkaAdminClient, names: list[str]
-) -> dict[str, tuple[int, dict[str, str]]]:
+@dataclass(frozen=True)
+class Actual:
+    partitions: int
+    configs: dict[str, str]
+    replication_factor: int  # the smallest of its partitions'
+
+
+async def _actual(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, Actual]:
     meta = await admin.describe_topics(names)
-    found = {t["topic"]: len(t["partitions"]) for t in meta if t["error_code"] == 0}
+    found = {t["topic"]: t["partitions"] for t in meta if t["error_code"] == 0}
     if not found:
         return {}
     responses = await admin.describe_configs(
@@ -77,15 +115,25 @@ async def _actual(
             # (error_code, error_message, resource_type, resource_name, config_entries)
             entries = resource[4]
             configs[resource[3]] = {e[0]: e[1] for e in entries}
-    return {name: (parts, configs.get(name, {})) for name, parts in found.items()}
+    return {
+        name: Actual(
+            len(parts),
+            configs.get(name, {}),
+            min((len(p["replicas"]) for p in parts), default=0),
+        )
+        for name, parts in found.items()
+    }
 
 
-def _differences(spec: TopicSpec, partitions: int, configs: dict[str, str]) -> list[str]:
+def _differences(spec: TopicSpec, actual: Actual) -> list[str]:
     out = []
-    if partitions != spec.partitions:
-        out.append(f"{spec.name}: partitions is {partitions}, expected {spec.partitions}")
+    if actual.partitions != spec.partitions:
+        out.append(f"{spec.name}: partitions is {actual.partitions}, expected {spec.partitions}")
+    rf = spec.replication_factor
+    if rf is not None and actual.replication_factor != rf:
+        out.append(f"{spec.name}: replication factor is {actual.replication_factor}, expected {rf}")
     for key, want in spec.configs.items():
-        have = configs.get(key)
+        have = actual.configs.get(key)
         if have != want:
             out.append(f"{spec.name}: {key} is {have!r}, expected {want!r}")
     return out
@@ -93,7 +141,9 @@ def _differences(spec: TopicSpec, partitions: int, configs: dict[str, str]) -> l
 
 async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> TopicReport:
     """Create what is missing; compare what exists. Raises TopicDrift listing every difference."""
-    specs = topic_specs(settings)
+    cluster = await admin.describe_cluster()
+    durability = Durability.of(settings, len(cluster["brokers"]))
+    specs = topic_specs(settings, durability)
     report = TopicReport()
     actual = await _actual(admin, [s.name for s in specs])
     missing = [s for s in specs if s.name not in actual]
@@ -101,7 +151,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> Topic
         response = await admin.create_topics(
             [
                 NewTopic(
-                    s.name, s.partitions, settings.topic_replication_factor, topic_configs=s.configs
+                    s.name, s.partitions, durability.replication_factor, topic_configs=s.configs
                 )
                 for s in missing
             ]
@@ -123,7 +173,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> Topic
     for spec in specs:
         if spec.name not in actual:
             raise TopicDrift(f"{spec.name}: not visible after create")
-        diffs = _differences(spec, *actual[spec.name])
+        diffs = _differences(spec, actual[spec.name])
         report.drift.extend(diffs)
         if not diffs and spec.name not in report.created:
             report.unchanged.append(spec.name)

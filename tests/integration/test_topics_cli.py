@@ -29,8 +29,9 @@ def space(settings: Settings, name: str) -> Settings:
     return settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}{name}."})
 
 
-async def chatpipe_topics(settings: Settings, cwd: Path) -> Run:
+async def chatpipe_topics(settings: Settings, cwd: Path, **extra: str) -> Run:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOPIC_")}
+    env.update(extra)
     env.update(
         KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
         TOPIC_PREFIX=settings.topic_prefix,
@@ -158,3 +159,33 @@ async def test_ensure_topics_right_after_other_topics_were_deleted(
     finally:
         for s in spaces:
             await delete_topics(admin, s)
+
+
+async def test_min_insync_replicas_other_than_asked_is_reported(
+    settings: Settings, admin: AIOKafkaAdminClient, tmp_path: Path
+) -> None:
+    """Issue 13: the drift check compares min.insync.replicas (and the replication factor)."""
+    s = space(settings, "isr")
+    try:
+        await precreate(admin, s, configs={s.responses_topic: {"min.insync.replicas": "2"}})
+        run = await chatpipe_topics(s, tmp_path)  # one broker: RF 1, min ISR 1 by default
+        assert run.code == 2, run.err
+        drift = [line for line in run.err.splitlines() if "DRIFT" in line]
+        assert len(drift) == 1, run.err
+        assert s.responses_topic in drift[0]
+        assert "min.insync.replicas is '2', expected '1'" in drift[0], drift
+    finally:
+        await delete_topics(admin, s)
+
+
+async def test_a_replication_factor_the_cluster_cannot_hold_is_refused_before_creating(
+    settings: Settings, admin: AIOKafkaAdminClient, tmp_path: Path
+) -> None:
+    s = space(settings, "rf")
+    try:
+        run = await chatpipe_topics(s, tmp_path, TOPIC_REPLICATION_FACTOR="3")
+        assert run.code == 1, run.err
+        assert "TOPIC_REPLICATION_FACTOR=3 but the cluster has 1 broker(s)" in run.err
+        assert not [n for n in await admin.list_topics() if n.startswith(s.topic_prefix)]
+    finally:
+        await delete_topics(admin, s)
