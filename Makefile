@@ -27,6 +27,7 @@ STACK := infra/local/stack.sh
 STACK_ENV := KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0
 
 .PHONY: help install stack-up stack-down stack-status stack-logs stack-wipe topics dev \
+	cluster-up cluster-down cluster-status cluster-wipe \
 	test test-unit test-security lint format typecheck bench bench-smoke clean
 
 help:  ## list the targets
@@ -49,6 +50,18 @@ stack-logs:  ## last lines of the Kafka and Redis logs
 
 stack-wipe:  ## stop the local stack and delete its Kafka data
 	$(STACK) wipe
+
+cluster-up:  ## start the local cluster stack: 3 Kafka brokers + a 6-node Redis Cluster (no-op when up)
+	infra/local/cluster.sh start
+
+cluster-down:  ## stop the cluster stack (data kept)
+	infra/local/cluster.sh stop
+
+cluster-status:  ## is the cluster stack up?
+	infra/local/cluster.sh status
+
+cluster-wipe:  ## stop the cluster stack and delete its data
+	infra/local/cluster.sh wipe
 
 topics:  ## create the topics (partitions, configs) on the local stack
 	$(STACK_ENV) $(CHATPIPE) topics
