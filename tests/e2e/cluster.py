@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 
 from chatpipe.settings import Settings
+from tests.support.procs import free_port, process_env
 
 ROOT = Path(__file__).resolve().parents[2]
 Kind = Literal["api", "ai_consumer", "cancel_listener"]
@@ -40,14 +39,6 @@ REPLAYED = "replayed"
 
 class ClusterError(AssertionError):
     """A process did not start, exited early or did not become ready in time."""
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def new_session() -> str:
@@ -221,18 +212,7 @@ class Proc:
             return self.popen.wait(timeout=10)
 
 
-def settings_env(values: Mapping[str, object]) -> dict[str, str]:
-    """The environment of a process: ours, without any chatpipe setting inherited from the
-    environment of the test run, plus `values` (setting names, any case) upper-cased."""
-    fields = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in fields}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
-    env["PYTHONUNBUFFERED"] = "1"
-    for key, value in values.items():
-        env[key.upper()] = str(value)
-    return env
+settings_env = process_env  # the name the e2e modules know
 
 
 @dataclass

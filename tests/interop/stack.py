@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,19 +22,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from chatpipe.clients import make_admin
 from chatpipe.settings import Settings
+from tests.support.procs import free_port, process_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class StackError(AssertionError):
     """A process did not start, died, or something did not happen before its deadline."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -170,19 +162,6 @@ class Proc:
         return self.process.returncode
 
 
-def process_env(values: Mapping[str, object]) -> dict[str, str]:
-    """Our environment without inherited chatpipe settings, plus `values` upper-cased."""
-    names = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
-    env["PYTHONUNBUFFERED"] = "1"
-    for key, value in values.items():
-        env[key.upper()] = str(value)
-    return env
-
-
 @dataclass
 class Stack:
     settings: Settings
@@ -308,32 +287,3 @@ async def read_topic(settings: Settings, topic: str) -> list[ConsumerRecord[byte
 
 def headers_of(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
     return {k: (v or b"").decode(errors="replace") for k, v in record.headers or ()}
-
-
-@dataclass
-class SseEvent:
-    event: str
-    data: dict[str, Any]
-    id: str | None
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
-    """Parse a `text/event-stream` body into events (comments and heartbeats skipped)."""
-    event, event_id = "message", None
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                yield SseEvent(event, json.loads("\n".join(data)), event_id)
-            event, data, event_id = "message", [], None
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-            elif name == "id":
-                event_id = value

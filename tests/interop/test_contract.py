@@ -33,7 +33,8 @@ from chatpipe.schemas import (
 )
 from chatpipe.settings import Settings
 from tests.interop.contract_files import DOCS, Json, committed, errors, model_accepts
-from tests.interop.stack import chatpipe_stack, headers_of, read_topic, sse_events
+from tests.interop.stack import chatpipe_stack, headers_of, read_topic
+from tests.support.sse import sse_events
 
 OFFICIAL_ASYNCAPI_3 = Path(__file__).parent / "vendor" / "asyncapi-3.0.0.schema.json"
 OUTPUTS = [m for m in contract.MESSAGES if m.direction == "output"]

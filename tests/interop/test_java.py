@@ -30,7 +30,8 @@ from chatpipe.schemas import (
 from chatpipe.settings import Settings
 from tests.interop.contract_files import errors, model_accepts
 from tests.interop.jvm import TERMINAL, Java
-from tests.interop.stack import chatpipe_stack, headers_of, partitions_of, read_topic, sse_events
+from tests.interop.stack import chatpipe_stack, headers_of, partitions_of, read_topic
+from tests.support.sse import sse_events
 
 pytestmark = pytest.mark.java
 

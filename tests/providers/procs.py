@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,16 +23,10 @@ import httpx
 import orjson
 
 from chatpipe.settings import Settings
+from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 Line = dict[str, Any]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def environment(settings: Settings, **values: object) -> dict[str, str]:
@@ -194,31 +187,3 @@ async def stopping(*procs: Proc) -> AsyncIterator[None]:
         yield
     finally:
         await asyncio.gather(*(p.stop() for p in procs), return_exceptions=True)
-
-
-@dataclass(frozen=True)
-class SSEEvent:
-    event: str
-    data: dict[str, Any]
-    id: str | None
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[SSEEvent]:
-    """The events of an SSE response (`event:`/`data:`/`id:`, blank-line dispatch)."""
-    event, data, ident = "message", list[str](), None
-    async for line in response.aiter_lines():
-        if not line:
-            if data:
-                yield SSEEvent(event, orjson.loads("\n".join(data)), ident)
-            event, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
-        elif name == "id":
-            ident = value

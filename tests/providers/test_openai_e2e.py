@@ -19,8 +19,9 @@ import pytest
 from redis.asyncio import Redis
 
 from chatpipe.settings import Settings
-from tests.providers.procs import Proc, SSEEvent, sse_events, start_api, start_consumer, stopping
+from tests.providers.procs import Proc, start_api, start_consumer, stopping
 from tests.providers.upstream import ERROR_MESSAGE, FakeOpenAI, serve
+from tests.support.sse import SSEEvent, sse_events
 
 pytestmark = pytest.mark.e2e
 
