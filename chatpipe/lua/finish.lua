@@ -1,0 +1,37 @@
+-- The lease is kept (lease_ms, refreshed by the finisher) until the terminal's Kafka ack is
+-- recorded (PUBLISHED): a claim meanwhile waits; one after a finisher that died re-publishes.
+-- ARGV epoch '' : no run of ours to fence (a message failed or refused before it started).
+-- KEYS msg lease cancel active stream leases ; ARGV instance wanted reason seq final_ttl
+--   message_id now maxlen epoch lease_ms chunks -> {final_state, reason, stream_id}
+--   | {'already', state}
+local msg_key, lease_key, cancel_key, active_key, stream_key, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local instance, wanted, wanted_reason, seq, final_ttl, message_id, now, maxlen, epoch, lease_ms, chunks = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+
+local f = redis.call('HMGET', msg_key, 'state', 'epoch', 'cancel_requested')
+local state = f[1]
+if state == 'completed' or state == 'failed' or state == 'cancelled' then
+  return {'already', state}
+end
+if epoch ~= '' and state and f[2] ~= epoch then return {'already', 'fenced'} end
+local owner = redis.call('GET', lease_key)
+if owner and owner ~= instance then return {'already', 'owned:' .. owner} end
+local final = wanted
+local reason = wanted_reason
+if final ~= 'cancelled' and (redis.call('EXISTS', cancel_key) == 1 or f[3] == '1') then
+  final = 'cancelled'
+  reason = 'cancelled by user'
+end
+redis.call('HSET', msg_key, 'state', final, 'reason', reason, 'finished', now,
+           'final_seq', seq, 'chunks', chunks)
+redis.call('HDEL', msg_key, 'published', 'request')
+redis.call('ZREM', leases_key, message_id)
+redis.call('EXPIRE', msg_key, final_ttl)
+if redis.call('GET', active_key) == message_id then redis.call('DEL', active_key) end
+redis.call('SET', lease_key, instance, 'PX', lease_ms)
+redis.call('DEL', cancel_key)
+local data = {status = final}
+if reason ~= '' then data['reason'] = reason end
+local id = redis.call('XADD', stream_key, 'MAXLEN', '~', maxlen, '*', 'e', 'done', 's', seq,
+                      'd', cjson.encode(data))
+redis.call('EXPIRE', stream_key, final_ttl)
+return {final, reason, id}
