@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -12,7 +12,14 @@ from api.auth import Caller, StreamCaller
 from api.limits import Slot
 from api.service import CANCEL_MESSAGES, ChatService
 from api.sse import SSEResponse
-from chatpipe.schemas import CancelBody, CancelResult, ChatAccepted, ChatBody
+from chatpipe.schemas import (
+    ID_PATTERN,
+    CancelBody,
+    CancelResult,
+    ChatAccepted,
+    ChatBody,
+    SessionCancelled,
+)
 
 router = APIRouter()
 
@@ -67,7 +74,7 @@ def _stream_url(request: Request, message_id: str, user_id: str | None) -> str:
     responses={
         **AUTH_DOC,
         **BODY_DOC,
-        409: {"description": "message_id already used"},
+        409: {"description": "message_id already used, or if_busy=reject and the session is busy"},
         413: {"description": "message too large"},
         **LIMIT_DOC,
         503: {"description": "Kafka or Redis unavailable; see Retry-After"},
@@ -114,7 +121,7 @@ async def get_stream(
     responses={
         **AUTH_DOC,
         **BODY_DOC,
-        409: {"description": "message_id already used"},  # found by the schemathesis run
+        409: {"description": "message_id already used, or if_busy=reject and the session is busy"},
         413: {"description": "message too large"},
         **LIMIT_DOC,
     },
@@ -161,6 +168,19 @@ async def post_cancel(body: CancelBody, request: Request, caller: Caller) -> Res
 async def post_cancel_seed(body: CancelBody, request: Request, caller: Caller) -> Response:
     """The seed's cancel path, kept for its callers: same as `POST /api/cancel`."""
     return await _cancel(body, request, caller)
+
+
+@router.post(
+    "/api/sessions/{session_id}/cancel",
+    response_model=SessionCancelled,
+    tags=["cancel"],
+    responses={**AUTH_DOC, 503: {"description": "Kafka or Redis unavailable; see Retry-After"}},
+)
+async def post_session_cancel(
+    session_id: Annotated[str, Path(pattern=ID_PATTERN)], request: Request, caller: Caller
+) -> SessionCancelled:
+    """Stop every queued and streaming message of the session, from any instance."""
+    return await _service(request).cancel_session(session_id, caller)
 
 
 @router.get("/health", tags=["ops"])

@@ -20,7 +20,15 @@ from chatpipe.codec import headers_for
 from chatpipe.errors import ChatpipeError, Unavailable
 from chatpipe.keys import cancel_record_key
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import CancelBody, ChatBody, ChatCancel, ChatRequest, rfc3339, utcnow
+from chatpipe.schemas import (
+    CancelBody,
+    ChatBody,
+    ChatCancel,
+    ChatRequest,
+    SessionCancelled,
+    rfc3339,
+    utcnow,
+)
 from chatpipe.settings import Settings
 from chatpipe.state import State
 from chatpipe.tracing import Tracing
@@ -38,6 +46,11 @@ CANCEL_MESSAGES = {
 
 class Conflict(ChatpipeError):
     """The message_id is taken."""
+
+
+class Busy(Conflict):
+    """if_busy=reject and the session has a queued or streaming message: wait for it, or send
+    with if_busy=enqueue or interrupt (409)."""
 
 
 class TooLarge(ChatpipeError):
@@ -113,6 +126,8 @@ class ChatService:
             message=body.message,
             options=body.options,
         )
+        if body.if_busy == "interrupt":  # everything open in the session stops first
+            await self.cancel_session(body.session_id, caller)
         answer = await self._bounded(
             "redis",
             self.state.accept(
@@ -121,8 +136,12 @@ class ChatService:
                 request.user_id,
                 rfc3339(request.created_at),
                 enforce=self._enforce(caller),
+                reject_if_busy=body.if_busy == "reject",
             ),
         )
+        if answer.startswith("busy:"):
+            busy = answer.removeprefix("busy:")
+            raise Busy(f"session {body.session_id} is busy with message {busy} (if_busy=reject)")
         if answer == "forbidden":
             self.metrics.forbidden.labels("api_chat").inc()
             log.warning(
@@ -151,7 +170,9 @@ class ChatService:
                 # 503 means "not queued": the record, should Kafka take it late, is skipped
                 ids = {"message_id": request.message_id, "session_id": request.session_id}
                 try:
-                    if not await self._bounded("redis", self.state.withdraw(request.message_id)):
+                    if not await self._bounded(
+                        "redis", self.state.withdraw(request.message_id, request.session_id)
+                    ):
                         log.info("chat queued after all (a consumer has it)", extra=ids)
                         return request
                 except Unavailable:
@@ -206,6 +227,33 @@ class ChatService:
             log.warning("cancel flagged in Redis but not published: %s", e, extra=ids)
         log.info("cancel accepted", extra=ids)
         return answer
+
+    async def cancel_session(
+        self, session_id: str, caller: Principal | None = None
+    ) -> SessionCancelled:
+        """Cancel every queued and streaming message of the session (each as `cancel` does:
+        its flag, the streamer woken, its record on chat.cancels)."""
+        if self._enforce(caller):
+            assert caller is not None
+            owner = await self._bounded("redis", self.state.session_owner(session_id))
+            if owner is not None and owner != caller.user_id:
+                self.metrics.forbidden.labels("api_cancel").inc()
+                raise Forbidden(FORBIDDEN_SESSION)
+        open_ = await self._bounded("redis", self.state.open_messages(session_id))
+        cancelled: list[str] = []
+        ended: list[str] = []
+        for message_id, _ in open_:
+            answer = await self.cancel(
+                CancelBody(session_id=session_id, message_id=message_id), caller
+            )
+            (cancelled if answer == "cancelled" else ended).append(message_id)
+        log.info(
+            "session cancelled: %d stopped, %d had ended",
+            len(cancelled),
+            len(ended),
+            extra={"session_id": session_id},
+        )
+        return SessionCancelled(session_id=session_id, cancelled=cancelled, ended=ended)
 
     async def _wake_streamer(self, body: CancelBody) -> None:
         """Tell every ai_consumer at once (Redis Pub/Sub) so the one streaming the message stops
@@ -346,4 +394,4 @@ def dumps_text(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-__all__ = ["CANCEL_MESSAGES", "ChatService", "Conflict", "NotFound", "TooLarge", "utcnow"]
+__all__ = ["CANCEL_MESSAGES", "Busy", "ChatService", "Conflict", "NotFound", "TooLarge", "utcnow"]

@@ -73,6 +73,10 @@ class Keys:
         streams the message interrupts it at once (a wake-up only: Kafka and the flag carry it)."""
         return f"{self.prefix}chat:cancel-wakeup"
 
+    def open_messages(self, session_id: str) -> str:
+        """Set: the session's queued and streaming message ids (session-wide cancel, if_busy)."""
+        return f"{self.prefix}chat:open:{session_id}"
+
     def leases(self) -> str:
         """Sorted set: message_id -> when its lease lapses (ms, Redis's clock), for takeovers."""
         return f"{self.prefix}chat:leases"

@@ -167,6 +167,12 @@ class ChatBody(ContractModel):
     user_id: Id | None = None
     message_id: Id | None = Field(default=None, description="chosen by the server when absent")
     options: ChatOptions | None = None
+    if_busy: Literal["enqueue", "interrupt", "reject"] = Field(
+        default="enqueue",
+        description="when the session has a queued or streaming message: enqueue this one "
+        "behind it, interrupt (cancel everything open in the session, then run this one), or "
+        "reject (409 naming the busy message, nothing queued)",
+    )
 
 
 class ChatAccepted(BaseModel):
@@ -180,6 +186,14 @@ class CancelBody(ContractModel):
     session_id: Id
     message_id: Id
     reason: str | None = Field(default=None, max_length=500)
+
+
+class SessionCancelled(BaseModel):
+    """Answer of `POST /api/sessions/{session_id}/cancel`."""
+
+    session_id: str
+    cancelled: list[str] = Field(description="ids of the messages this stopped (or was stopping)")
+    ended: list[str] = Field(description="ids that had ended before the cancel reached them")
 
 
 class CancelResult(BaseModel):

@@ -95,11 +95,14 @@ class State:
         user_id: str | None,
         now: str,
         enforce: bool = False,
+        reject_if_busy: bool = False,
     ) -> str:
         """Record a new message as queued. Returns "ok", "forbidden" (`enforce`: the session or
-        the message id is another user's), or the state of an existing message."""
+        the message id is another user's), "busy:<message_id>" (`reject_if_busy` and the
+        session has a queued or streaming message), or the state of an existing message."""
         s = self.settings
-        keys = [self.keys.msg(message_id), self.keys.owner(session_id)]
+        k = self.keys
+        keys = [k.msg(message_id), k.owner(session_id), k.open_messages(session_id)]
         args: list[Arg] = [
             session_id,
             user_id or "",
@@ -107,6 +110,9 @@ class State:
             s.msg_ttl_s,
             int(enforce),
             s.session_owner_ttl_s,
+            "reject" if reject_if_busy else "",
+            k.prefix,
+            message_id,
         ]
         return _s(await self._accept(keys=keys, args=args))
 
@@ -129,12 +135,34 @@ class State:
         await self.redis.zrem(self.keys.leases(), message_id)
         return None
 
-    async def withdraw(self, message_id: str) -> bool:
+    async def withdraw(self, message_id: str, session_id: str) -> bool:
         """The api could not queue the request (Kafka did not ack in time): mark it so that
         its record, should Kafka take it late, is not answered (WITHDRAW). False: a consumer
         has it already (it was queued after all)."""
-        keys = [self.keys.msg(message_id)]
-        return bool(await self._withdraw(keys=keys, args=[self.settings.msg_ttl_s]))
+        keys = [self.keys.msg(message_id), self.keys.open_messages(session_id)]
+        args: list[Arg] = [self.settings.msg_ttl_s, message_id]
+        return bool(await self._withdraw(keys=keys, args=args))
+
+    async def open_messages(self, session_id: str) -> list[tuple[str, str]]:
+        """The session's queued and streaming messages (id, state), oldest first by creation;
+        members whose message ended or is gone are dropped from the set."""
+        key = self.keys.open_messages(session_id)
+        ids = sorted(_s(m) for m in await self.redis.smembers(key))
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for m in ids:
+                pipe.hmget(self.keys.msg(m), ["state", "created"])
+            found = await pipe.execute()
+        live, gone = [], []
+        for m, (state, created) in zip(ids, found, strict=True):
+            if state in (b"queued", b"streaming"):
+                live.append((_s(created or b""), m, _s(state)))
+            else:
+                gone.append(m)
+        if gone:
+            await self.redis.srem(key, *gone)
+        return [(m, state) for _, m, state in sorted(live)]
 
     async def cancel(
         self, session_id: str, message_id: str, user_id: str | None = None, enforce: bool = False
@@ -209,8 +237,9 @@ class State:
         self, pipe: Pipeline, message_id: str, session_id: str, user_id: str | None, now: str
     ) -> None:
         """Queue on `pipe`: record a consumed request as queued unless it has a state already."""
-        args: list[Arg] = [session_id, user_id or "", now, self.settings.msg_ttl_s]
-        await self._observe(keys=[self.keys.msg(message_id)], args=args, client=pipe)
+        args: list[Arg] = [session_id, user_id or "", now, self.settings.msg_ttl_s, message_id]
+        keys = [self.keys.msg(message_id), self.keys.open_messages(session_id)]
+        await self._observe(keys=keys, args=args, client=pipe)
 
     async def claim(
         self,
@@ -290,6 +319,7 @@ class State:
             k.active(session_id),
             k.stream(message_id),
             k.leases(),
+            k.open_messages(session_id),
         ]
         s = self.settings
         args: list[Arg] = [

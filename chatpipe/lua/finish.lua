@@ -5,6 +5,7 @@
 --   message_id now maxlen epoch lease_ms chunks -> {final_state, reason, stream_id}
 --   | {'already', state}
 local msg_key, lease_key, cancel_key, active_key, stream_key, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local open_key = KEYS[7]  -- the session's open messages (accept.lua)
 local instance, wanted, wanted_reason, seq, final_ttl, message_id, now, maxlen, epoch, lease_ms, chunks = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 
 local f = redis.call('HMGET', msg_key, 'state', 'epoch', 'cancel_requested')
@@ -25,6 +26,7 @@ redis.call('HSET', msg_key, 'state', final, 'reason', reason, 'finished', now,
            'final_seq', seq, 'chunks', chunks)
 redis.call('HDEL', msg_key, 'published', 'request')
 redis.call('ZREM', leases_key, message_id)
+redis.call('SREM', open_key, message_id)
 redis.call('EXPIRE', msg_key, final_ttl)
 if redis.call('GET', active_key) == message_id then redis.call('DEL', active_key) end
 redis.call('SET', lease_key, instance, 'PX', lease_ms)

@@ -492,7 +492,7 @@ async def test_a_withdrawn_message_is_skipped_by_a_claim_and_its_retry_is_accept
     """The api answered 503 (Kafka did not ack in time) and withdrew the message: a record
     Kafka took late is not answered; the client's retry with the same message_id is."""
     await queued(state)
-    assert await state.withdraw("m-1")
+    assert await state.withdraw("m-1", "s-1")
     assert not await state.exists("m-1")  # its stream URL answers 404
     late = await state.claim("m-1", "s-1", "u-1", A, NOW)
     assert (late.outcome, late.detail) == ("final", "withdrawn")
@@ -504,7 +504,7 @@ async def test_a_withdrawn_message_is_skipped_by_a_claim_and_its_retry_is_accept
 async def test_a_message_a_consumer_has_is_not_withdrawn(state: State) -> None:
     await queued(state)
     await state.claim("m-1", "s-1", "u-1", A, NOW)  # Kafka had it after all
-    assert not await state.withdraw("m-1")
+    assert not await state.withdraw("m-1", "s-1")
     assert (await state.message("m-1"))["state"] == "streaming"
 
 
@@ -534,3 +534,29 @@ async def test_a_lapsed_lease_is_found_with_its_request_and_leaves_the_set_when_
     assert await state.takeover_request("m-1") is None
     assert await redis.zcard(state.keys.leases()) == 0
     assert "request" not in await state.message("m-1")
+
+
+async def test_a_sessions_open_messages_are_its_queued_and_streaming_ones(state: State) -> None:
+    await queued(state, "m-1")
+    await queued(state, "m-2")
+    await queued(state, "m-3", session_id="s-other")
+    run = await state.claim("m-1", "s-1", "u-1", A, NOW)
+    assert await state.open_messages("s-1") == [("m-1", "streaming"), ("m-2", "queued")]
+    await state.finish("m-1", "s-1", A, "completed", "", 3, NOW, epoch=run.epoch)
+    assert await state.open_messages("s-1") == [("m-2", "queued")]
+    assert await state.withdraw("m-2", "s-1")
+    assert await state.open_messages("s-1") == []
+    assert await state.open_messages("s-other") == [("m-3", "queued")]
+
+
+async def test_if_busy_reject_names_the_open_message_and_queues_nothing(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    await queued(state, "m-1")
+    answer = await state.accept("m-2", "s-1", "u-1", NOW, reject_if_busy=True)
+    assert answer == "busy:m-1"
+    assert not await redis.exists(keys.msg("m-2"))
+    assert await state.accept("m-2", "s-other", "u-1", NOW, reject_if_busy=True) == "ok"
+    await redis.delete(keys.msg("m-1"))  # gone (expired): the session is not busy any more
+    assert await state.accept("m-3", "s-1", "u-1", NOW, reject_if_busy=True) == "ok"
+    assert await state.open_messages("s-1") == [("m-3", "queued")]

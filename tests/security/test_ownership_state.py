@@ -28,7 +28,12 @@ async def snapshot(redis: Redis, prefix: str) -> dict[bytes, object]:
     out: dict[bytes, object] = {}
     async for key in redis.scan_iter(match=f"{prefix}*"):
         kind = await redis.type(key)
-        out[key] = await (redis.hgetall(key) if kind == b"hash" else redis.get(key))
+        if kind == b"hash":
+            out[key] = await redis.hgetall(key)
+        elif kind == b"set":  # a session's open messages
+            out[key] = await redis.smembers(key)
+        else:
+            out[key] = await redis.get(key)
     return out
 
 

@@ -1,0 +1,114 @@
+"""Issue 14, first part: a session-wide cancel and double texting (`if_busy`), across two api
+instances, on real processes (2 api, 3 ai_consumer, 1 cancel_listener).
+
+A session's queued and streaming messages are kept in a Redis set (chatpipe/lua/accept.lua);
+`POST /api/sessions/{id}/cancel` cancels each of them as `POST /api/cancel` would, and
+`if_busy` on `POST /api/chat` decides what a message sent while one is open does.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.e2e.cluster import new_session
+from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.faults.consumer_support import recorded
+from tests.e2e.sse import SSEEvent, chunks, dones
+
+pytestmark = pytest.mark.e2e
+
+TOKENS = 40  # 4 s answers: long enough to act on one while it streams
+
+
+@pytest.fixture(scope="module")
+def cluster_env() -> dict[str, object]:
+    return {**DEFAULT_ENV, "sim_tokens": TOKENS, "sim_token_delay_ms": 100}
+
+
+def status(events: list[SSEEvent]) -> str:
+    return str(dones(events)[-1].json()["status"])
+
+
+async def test_a_session_cancel_on_the_other_api_stops_the_streaming_and_the_queued_ones(
+    apis: tuple[Api, Api],
+) -> None:
+    a, b = apis
+    session, neighbour = new_session(), new_session()
+    ids = [(await a.chat(session))["message_id"] for _ in range(4)]  # 1 streams, 3 wait
+    other = (await a.chat(neighbour))["message_id"]
+    async with recorded(a.stream(m) for m in [*ids, other]) as streams:
+        await streams[0].wait_for(lambda evs: bool(chunks(evs)), within=20, what="a chunk")
+        answer = await b.client.post(f"/api/sessions/{session}/cancel")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["session_id"] == session
+        assert body["cancelled"] == ids, body  # oldest first
+        assert body["ended"] == []
+        for s in streams:
+            await s.wait_done(within=30)
+    assert [status(s.events) for s in streams[:4]] == ["cancelled"] * 4
+    assert all(not chunks(s.events) for s in streams[1:4])  # the queued ones never started
+    assert status(streams[4].events) == "completed"  # another session: untouched
+    assert len(chunks(streams[4].events)) == TOKENS
+    again = await a.client.post(f"/api/sessions/{session}/cancel")  # nothing open any more
+    assert again.json() == {"session_id": session, "cancelled": [], "ended": []}
+
+
+async def test_if_busy_reject_names_the_busy_message_and_queues_nothing(
+    apis: tuple[Api, Api],
+) -> None:
+    a, b = apis
+    session = new_session()
+    first = (await a.chat(session))["message_id"]
+    refused_id = uuid.uuid4().hex
+    async with recorded([a.stream(first)]) as (stream,):
+        await stream.wait_for(lambda evs: bool(chunks(evs)), within=20, what="a chunk")
+        body = {"session_id": session, "message": "and?", "message_id": refused_id}
+        refused = await b.client.post("/api/chat", json={**body, "if_busy": "reject"})
+        assert refused.status_code == 409, refused.text
+        assert first in refused.json()["detail"]
+        await stream.wait_done(within=30)
+    assert status(stream.events) == "completed"
+    gone = await b.client.get(f"/api/chat/{refused_id}/stream")
+    assert gone.status_code == 404, gone.text  # nothing was queued
+    # once the first has ended the session is free again, with the same message id
+    later = await b.client.post("/api/chat", json={**body, "if_busy": "reject"})
+    assert later.status_code == 202, later.text
+
+
+async def test_if_busy_interrupt_cancels_what_is_open_and_runs_the_new_message(
+    apis: tuple[Api, Api],
+) -> None:
+    a, b = apis
+    session = new_session()
+    first = (await a.chat(session))["message_id"]
+    queued = (await a.chat(session))["message_id"]
+    async with recorded([a.stream(first), a.stream(queued)]) as streams:
+        await streams[0].wait_for(lambda evs: bool(chunks(evs)), within=20, what="a chunk")
+        body = {"session_id": session, "message": "stop, this instead", "if_busy": "interrupt"}
+        posted = await b.client.post("/api/chat", json=body)
+        assert posted.status_code == 202, posted.text
+        async with b.stream(posted.json()["message_id"]) as new:
+            events = await new.until_done(within=30)
+        for s in streams:
+            await s.wait_done(within=30)
+    assert [status(s.events) for s in streams] == ["cancelled", "cancelled"]
+    assert status(events) == "completed"
+    assert len(chunks(events)) == TOKENS
+
+
+async def test_if_busy_enqueue_is_the_default_and_runs_after_the_open_one(
+    apis: tuple[Api, Api],
+) -> None:
+    a, b = apis
+    session = new_session()
+    first = (await a.chat(session))["message_id"]
+    second = (await b.chat(session, "and then?"))["message_id"]  # no if_busy: enqueue
+    async with recorded([a.stream(first), b.stream(second)]) as streams:
+        for s in streams:
+            await s.wait_done(within=40)
+    assert [status(s.events) for s in streams] == ["completed", "completed"]
+    # per-session order: the second's first chunk after the first's done
+    assert chunks(streams[1].events)[0].received > dones(streams[0].events)[0].received
