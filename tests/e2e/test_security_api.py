@@ -303,6 +303,22 @@ async def test_a_cancel_cannot_reach_another_users_message_through_a_colon_in_th
     assert keys.cancel(alice_session, alice_mid) != keys.cancel(mallory_session, mallory_mid)
 
 
+async def test_another_users_session_cancel_or_interrupt_is_refused_and_changes_nothing(
+    as_user: Clients,
+) -> None:
+    """Issue 14: the session routes are owner-only like the rest."""
+    alice, mallory = as_user(new_user("alice")), as_user(new_user("mallory"))
+    session = new_session()
+    accepted = await chat(alice[0], session)
+    refused = await mallory[1].post(f"/api/sessions/{session}/cancel")
+    assert refused.status_code == 403, refused.text
+    interrupt = {"session_id": session, "message": "mine now", "if_busy": "interrupt"}
+    refused = await mallory[0].post("/api/chat", json=interrupt)
+    assert refused.status_code == 403, refused.text
+    async with SSEStream(alice[1], f"/api/chat/{accepted['message_id']}/stream") as stream:
+        assert_whole_answer(await stream.until_done(within=30))  # untouched
+
+
 # --- 2. stream tokens ----------------------------------------------------------------------
 async def test_stream_tokens_expired_tampered_or_for_another_message_are_rejected(
     as_user: Clients,
