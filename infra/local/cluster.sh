@@ -17,6 +17,8 @@ set -euo pipefail
 
 : "${HOME:=$(cd ~ && pwd)}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=infra/local/kafka-lib.sh
+source "${HERE}/kafka-lib.sh"
 KAFKA_VERSION="4.1.1"  # the same as stack.sh
 HOST="127.0.0.1"
 KAFKA_BASE="${CLUSTER_KAFKA_PORT:-29092}"
@@ -95,31 +97,14 @@ log.cleaner.backoff.ms=1000
 num.network.threads=2
 num.io.threads=2
 EOF
-  cat >"${d}/log4j2.xml" <<EOF
-<?xml version="1.0" encoding="UTF-8"?>
-<Configuration status="warn">
-  <Appenders>
-    <RollingFile name="file" fileName="${d}/kafka.log" filePattern="${d}/kafka.log.%i">
-      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="50 MB"/></Policies>
-      <DefaultRolloverStrategy max="2"/>
-    </RollingFile>
-  </Appenders>
-  <Loggers>
-    <Root level="INFO"><AppenderRef ref="file"/></Root>
-    <Logger name="kafka.request.logger" level="WARN"/>
-    <Logger name="state.change.logger" level="WARN"/>
-    <Logger name="org.apache.kafka.clients" level="WARN"/>
-  </Loggers>
-</Configuration>
-EOF
+  write_kafka_log4j "${d}/log4j2.xml" "${d}/kafka.log" 2
 }
 
 cluster_id() {  # one id for the three nodes, made once
   local f="${DIR}/cluster.id"
   if [[ ! -s "$f" ]]; then
     mkdir -p "$DIR"
-    head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' | sed 's/^-/A/' >"$f"
+    random_cluster_id >"$f"
   fi
   cat "$f"
 }
