@@ -49,10 +49,6 @@ class Takeover:
         self.max_streams = settings.max_concurrent_streams
         self._tasks: dict[str, asyncio.Task[str]] = {}
 
-    @property
-    def running(self) -> int:
-        return len(self._tasks)
-
     async def serve(self, stopping: asyncio.Event, grace_s: float) -> None:
         """Scan until `stopping` is set, then give the streams taken over `grace_s` (beside the
         worker's own drain)."""

@@ -212,9 +212,6 @@ class Proc:
             return self.popen.wait(timeout=10)
 
 
-settings_env = process_env  # the name the e2e modules know
-
-
 @dataclass
 class Cluster:
     """`apis` api processes, `consumers` ai_consumer processes and one cancel_listener, all in
@@ -265,7 +262,7 @@ class Cluster:
             name=name,
             kind=kind,
             instance_id=str(values["instance_id"]),
-            env=settings_env(values),
+            env=process_env(values),
             log_path=self.workdir / f"{name}.log",
             port=port,
         )
