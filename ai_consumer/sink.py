@@ -240,7 +240,7 @@ class Sink:
         room = max(self._max_queued - self._queued, 0)
         if chunks > room:  # the newest chunks beyond the bound are not produced
             self._drop(chunks - room, "full")
-            kept: list[_Record] = []
+            chunks, kept = room, []
             for r in records:
                 if r.chunk:
                     if not room:
@@ -249,7 +249,7 @@ class Sink:
                 kept.append(r)
             records = kept
         if records:
-            self._queued += sum(1 for r in records if r.chunk)
+            self._queued += chunks
             self._kafka.put_nowait(records)
 
     def _drop(self, count: int, why: str) -> None:
