@@ -42,9 +42,7 @@ class FakePipe:
 
     async def execute(self) -> list[Any]:
         self.redis.round_trips.append(self.ops)
-        await asyncio.sleep(
-            0
-        )  # sleep-ok: the round trip yields to the loop once, as a real one does
+        await asyncio.sleep(0)  # sleep-ok: one loop step, as a real round trip yields
         if self.redis.down:
             raise ConnectionError("redis is away")
         if self.redis.fail_next:
