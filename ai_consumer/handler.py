@@ -17,6 +17,7 @@ from ai_consumer.sink import CANCEL, LOST, Outgoing, Sink
 from ai_consumer.tombstones import Tombstones
 from chatpipe.codec import now_rfc3339
 from chatpipe.errors import ChatpipeError, Reject, Retry
+from chatpipe.history import prompt
 from chatpipe.keys import cancel_record_key
 from chatpipe.logs import log_context
 from chatpipe.metrics import Metrics
@@ -112,7 +113,8 @@ class Handler:
         last = await self.state.redis.xrevrange(self.state.keys.stream(req.message_id), count=1)
         fields = last[0][1] if last else None
         seq = int(fields[b"s"]) + 1 if fields else 0
-        return await self._finish(req, None, "failed", reason, seq, traceparent)
+        answer = await self.state.answer_so_far(req.message_id) if fields else ""
+        return await self._finish(req, None, "failed", reason, seq, traceparent, answer=answer)
 
     async def _handle(self, req: ChatRequest, traceparent: str | None, takeover: bool) -> str:
         ids = {"message_id": req.message_id, "session_id": req.session_id}
@@ -158,7 +160,7 @@ class Handler:
             log.warning("request reuses another user's message id: dropped", extra=ids)
             return "forbidden"
         log.warning("request in a session the user does not own: failed, forbidden", extra=ids)
-        return await self._finish(req, None, "failed", "forbidden", 0, traceparent)
+        return await self._finish(req, None, "failed", "forbidden", 0, traceparent, turn=False)
 
     async def _run(
         self,
@@ -179,6 +181,8 @@ class Handler:
                 req, stream, "cancelled", "cancelled by user", seq, traceparent
             )
 
+        # what the model is given: the session's conversation so far and this message
+        messages = prompt(await self.state.history(req.session_id), req, self.settings)
         started_at = time.monotonic()
         at = _now()
         kind = "restart" if restart else "started"
@@ -205,13 +209,14 @@ class Handler:
         seq += 1
 
         wanted, reason, chunks = "completed", "", 0
+        parts: list[str] = []  # the answer's text, for the session's history
         flag_seen_at: float | None = None  # when a chunk saw the Redis flag (the flag has no time)
         # every chunk's record: this one, copied, with its seq, at and delta (same fields in the
         # same order as _event's), instead of building it field by field on every chunk
         chunk_value = self._event(req, "chat.chunk", seq, at)
         try:
             async with contextlib.aclosing(
-                until_set(self.provider.stream(req), stream.cancelled)
+                until_set(self.provider.stream(req, messages), stream.cancelled)
             ) as tokens:
                 async for delta in tokens:
                     at = _now()
@@ -238,6 +243,7 @@ class Handler:
                     flagged = answer == CANCEL
                     seq += 1
                     chunks += 1
+                    parts.append(delta)
                     self.metrics.chunks.inc()
                     if flagged:
                         if not stream.cancelled.is_set():
@@ -257,7 +263,7 @@ class Handler:
             wanted, reason = "failed", str(e)
             log.warning("stream failed: %s", e, extra=ids)
         return await self._finish(
-            req, stream, wanted, reason, seq, traceparent, chunks, flag_seen_at
+            req, stream, wanted, reason, seq, traceparent, chunks, flag_seen_at, "".join(parts)
         )
 
     async def _finish(
@@ -270,7 +276,11 @@ class Handler:
         traceparent: str | None,
         chunks: int = 0,
         flag_seen_at: float | None = None,
+        answer: str = "",
+        turn: bool = True,
     ) -> str:
+        """`answer`: the text streamed (the turn the session's history keeps); `turn` False
+        for a request that is not the session's to make (no turn is kept)."""
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         result = await self.state.finish(
             req.message_id,
@@ -282,6 +292,8 @@ class Handler:
             _now(),
             epoch=stream.epoch if stream is not None else "",
             chunks=chunks,
+            message=req.message if turn else "",
+            answer=answer,
         )
         if result.already:
             log.info(

@@ -222,7 +222,9 @@ class Worker:
                 async with self.state.redis.pipeline(transaction=False) as pipe:
                     for w in works:
                         r = w.request
-                        await self.state.observe(pipe, r.message_id, r.session_id, r.user_id, now)
+                        await self.state.observe(
+                            pipe, r.message_id, r.session_id, r.user_id, now, r.message
+                        )
                     await pipe.execute()
                 return
             except RedisError as e:

@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = App(  # FastAPI that drops clients which stopped reading (api/stalled.py)
         title="chatpipe",
-        version="1.1.0",  # docs/contract.md, HTTP versions
+        version="1.2.0",  # docs/contract.md, HTTP versions
         summary="Streams LLM chat answers over SSE; cancel on the first click from any instance.",
         lifespan=lifespan,
     )

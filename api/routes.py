@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -12,6 +12,7 @@ from api.auth import Caller, StreamCaller
 from api.limits import Slot
 from api.service import CANCEL_MESSAGES, ChatService
 from api.sse import SSEResponse
+from chatpipe.history import SessionMessages
 from chatpipe.schemas import (
     ID_PATTERN,
     CancelBody,
@@ -181,6 +182,26 @@ async def post_session_cancel(
 ) -> SessionCancelled:
     """Stop every queued and streaming message of the session, from any instance."""
     return await _service(request).cancel_session(session_id, caller)
+
+
+@router.get(
+    "/api/sessions/{session_id}/messages",
+    response_model=SessionMessages,
+    tags=["sessions"],
+    responses={**AUTH_DOC, 503: {"description": "Redis unavailable; see Retry-After"}},
+)
+async def get_session_messages(
+    session_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    request: Request,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=200, description="at most this many turns")] = 50,
+    before: Annotated[
+        str | None,
+        Query(pattern=ID_PATTERN, description="only turns older than this message id"),
+    ] = None,
+) -> SessionMessages:
+    """The session's conversation, oldest first: the newest `limit` turns (before `before`)."""
+    return await _service(request).session_messages(session_id, caller, limit, before)
 
 
 @router.get("/health", tags=["ops"])

@@ -18,6 +18,7 @@ from api.limits import RateLimiter, Slot, StreamLimits
 from chatpipe.clients import ProducerHandle
 from chatpipe.codec import headers_for
 from chatpipe.errors import ChatpipeError, Unavailable
+from chatpipe.history import SessionMessages, page
 from chatpipe.keys import cancel_record_key
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import (
@@ -112,6 +113,11 @@ class ChatService:
             raise TooLarge(
                 f"message is {size} bytes, the limit is {self.settings.max_message_bytes}"
             )
+        given = sum(len(m.content.encode()) for m in body.messages or ())
+        if given > self.settings.max_history_bytes:
+            raise TooLarge(
+                f"messages hold {given} bytes, the limit is {self.settings.max_history_bytes}"
+            )
         user_id = body.user_id
         if caller is not None:
             if body.user_id is not None and body.user_id != caller.user_id:
@@ -124,6 +130,7 @@ class ChatService:
             session_id=body.session_id,
             user_id=user_id,
             message=body.message,
+            messages=body.messages,
             options=body.options,
         )
         if body.if_busy == "interrupt":  # everything open in the session stops first
@@ -137,6 +144,7 @@ class ChatService:
                 rfc3339(request.created_at),
                 enforce=self._enforce(caller),
                 reject_if_busy=body.if_busy == "reject",
+                message=request.message,
             ),
         )
         if answer.startswith("busy:"):
@@ -233,12 +241,7 @@ class ChatService:
     ) -> SessionCancelled:
         """Cancel every queued and streaming message of the session (each as `cancel` does:
         its flag, the streamer woken, its record on chat.cancels)."""
-        if self._enforce(caller):
-            assert caller is not None
-            owner = await self._bounded("redis", self.state.session_owner(session_id))
-            if owner is not None and owner != caller.user_id:
-                self.metrics.forbidden.labels("api_cancel").inc()
-                raise Forbidden(FORBIDDEN_SESSION)
+        await self._own_session(session_id, caller, "api_cancel")
         open_ = await self._bounded("redis", self.state.open_messages(session_id))
         cancelled: list[str] = []
         ended: list[str] = []
@@ -254,6 +257,28 @@ class ChatService:
             extra={"session_id": session_id},
         )
         return SessionCancelled(session_id=session_id, cancelled=cancelled, ended=ended)
+
+    async def session_messages(
+        self, session_id: str, caller: Principal | None, limit: int, before: str | None
+    ) -> SessionMessages:
+        """The session's conversation, oldest first: its ended turns, then the queued and
+        streaming ones (read first, so a message ending meanwhile is in one or the other)."""
+        await self._own_session(session_id, caller, "api_messages")
+        open_ = await self._bounded("redis", self.state.open_turns(session_id))
+        ended = await self._bounded("redis", self.state.history(session_id))
+        seen = {t.message_id for t in ended}
+        turns, more = page([*ended, *(t for t in open_ if t.message_id not in seen)], limit, before)
+        return SessionMessages(session_id=session_id, messages=turns, has_more=more)
+
+    async def _own_session(self, session_id: str, caller: Principal | None, what: str) -> None:
+        """With ownership enforced, another user's session is Forbidden (nothing changes)."""
+        if not self._enforce(caller):
+            return
+        assert caller is not None
+        owner = await self._bounded("redis", self.state.session_owner(session_id))
+        if owner is not None and owner != caller.user_id:
+            self.metrics.forbidden.labels(what).inc()
+            raise Forbidden(FORBIDDEN_SESSION)
 
     async def _wake_streamer(self, body: CancelBody) -> None:
         """Tell every ai_consumer at once (Redis Pub/Sub) so the one streaming the message stops

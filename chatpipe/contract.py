@@ -62,7 +62,9 @@ ASYNCAPI_VERSION = "3.0.0"
 KAFKA_BINDING_VERSION = "0.5.0"
 # 1.1.0: null is read as absent on input (chatpipe.schemas.InputModel); records unchanged
 # 1.2.0: each id in a cancel's key (and its Redis flag) has `%` and `:` escaped (chatpipe.keys)
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.2.0"
+# 1.3.0: `chat.request` may carry `messages` (the whole conversation, sent upstream as given);
+#        `message` is then optional (the last user entry); records chatpipe writes unchanged
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.3.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"

@@ -77,6 +77,10 @@ class Keys:
         """Set: the session's queued and streaming message ids (session-wide cancel, if_busy)."""
         return f"{self.prefix}chat:open:{session_id}"
 
+    def history(self, session_id: str) -> str:
+        """List: the session's ended turns, oldest first, as JSON (chatpipe/history.py)."""
+        return f"{self.prefix}chat:history:{session_id}"
+
     def leases(self) -> str:
         """Sorted set: message_id -> when its lease lapses (ms, Redis's clock), for takeovers."""
         return f"{self.prefix}chat:leases"

@@ -74,19 +74,69 @@ class ChatOptions(InputModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
+MAX_MESSAGES = 1000
+
+
+class ChatMessage(InputModel):
+    """One entry of a conversation, as OpenAI's chat `messages` hold it."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+def last_user_text(messages: list[ChatMessage] | None) -> str | None:
+    """The text of the last user entry of `messages` (None: there is none)."""
+    for m in reversed(messages or []):
+        if m.role == "user" and m.content:
+            return m.content
+    return None
+
+
+def required_message(message: str, messages: list[ChatMessage] | None) -> str:
+    """`message`, or the last user entry of `messages` when it is left out."""
+    text = message or last_user_text(messages)
+    if not text:
+        raise ValueError("message is required (or messages ending with a user entry)")
+    return text
+
+
 class ChatRequest(InputModel):
-    """`chat.request` on chat.requests, key = session_id."""
+    """`chat.request` on chat.requests, key = session_id.
+
+    `messages` (contract 1.3.0): a producer that keeps its own history sends the whole
+    conversation, OpenAI's role/content list ending with this turn's user message; it is sent
+    upstream as given, instead of the history chatpipe keeps. `message` may then be left out:
+    it is the last user entry's text."""
 
     schema_version: Literal[1] = 1
     type: Literal["chat.request"] = "chat.request"
     message_id: Id
     session_id: Id
     user_id: Id | None = None
-    message: str = Field(min_length=1)
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["message"]}, {"required": ["messages"]}]}
+    )
+
+    message: str = Field(
+        default="",
+        min_length=1,
+        description="the user's text; required unless `messages` ends with a user entry",
+    )
     created_at: AwareDatetime = Field(default_factory=utcnow)
     options: ChatOptions | None = None
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description="the whole conversation, sent upstream as given (since 1.3.0)",
+    )
 
     _created_at_aware = field_validator("created_at", mode="before")(_aware)
+
+    @model_validator(mode="after")
+    def _message_or_messages(self) -> ChatRequest:
+        self.message = required_message(self.message, self.messages)
+        return self
 
 
 class ChatCancel(InputModel):
@@ -163,7 +213,17 @@ class ChatBody(ContractModel):
     """Body of `POST /api/chat` and `POST /api/chat/stream`."""
 
     session_id: Id
-    message: str = Field(min_length=1, description="the user's text")
+    message: str = Field(
+        default="",
+        description="the user's text; required unless `messages` ends with a user entry",
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description="the whole conversation (OpenAI's role/content list, ending with this "
+        "turn's user message), sent upstream as given instead of the session's history",
+    )
     user_id: Id | None = None
     message_id: Id | None = Field(default=None, description="chosen by the server when absent")
     options: ChatOptions | None = None
@@ -173,6 +233,11 @@ class ChatBody(ContractModel):
         "behind it, interrupt (cancel everything open in the session, then run this one), or "
         "reject (409 naming the busy message, nothing queued)",
     )
+
+    @model_validator(mode="after")
+    def _message_or_messages(self) -> ChatBody:
+        self.message = required_message(self.message, self.messages)
+        return self
 
 
 class ChatAccepted(BaseModel):

@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     max_message_bytes: int = 32 * 1024
+    max_history_bytes: int = 512 * 1024  # the text of a request's own `messages`, in all
     # a request body over this is refused 413 before it is read (api/guard.py)
     api_max_body_bytes: int = 1 << 20
     sse_heartbeat_s: float = 15.0
@@ -143,12 +144,23 @@ class Settings(BaseSettings):
     final_ttl_s: int = 3600
     stream_maxlen: int = 10_000
 
+    # --- conversation history (chatpipe/history.py, docs/sessions.md) --------------------
+    # turns kept per session (oldest dropped), and at most as many sent upstream; 0 = off
+    history_max_turns: int = Field(default=50, ge=0, le=10_000)
+    # characters of earlier turns sent with a message (oldest whole turns dropped first);
+    # also the most of an answer's text a turn keeps
+    history_max_chars: int = Field(default=24_000, ge=0)
+    history_ttl_s: int = Field(default=7 * 86400, ge=1)  # refreshed by every turn
+    history_include_cancelled: bool = True  # a stopped answer is sent as far as it got, marked
+    history_cancelled_mark: str = "[the user stopped this answer here]"
+
     # --- ai_consumer -------------------------------------------------------------------
     llm_provider: Literal["simulated", "openai"] = "simulated"
     llm_base_url: str = ""
     llm_model: str = ""
     llm_api_key: SecretStr = SecretStr("")  # a secret: never in reprs or logs
     llm_timeout_s: float = 30.0
+    llm_system_prompt: str = ""  # sent first, before the history chatpipe keeps
     sim_tokens: int = 60
     sim_token_delay_ms: float = 20.0
     sim_first_token_delay_ms: float = 0.0

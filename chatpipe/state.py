@@ -15,16 +15,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT as Arg
 
 from chatpipe.codec import dumps
+from chatpipe.history import Turn, parse_turns
 from chatpipe.keys import Keys
 from chatpipe.scripts import load_script
 from chatpipe.settings import Settings
 
 FINAL_STATES = frozenset({"completed", "cancelled", "failed"})
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 CancelAnswer = Literal["cancelled", "repeated", "completed", "failed", "not_found", "forbidden"]
 
 # The scripts, one file each under chatpipe/lua/ (what each does, its KEYS and ARGV by name)
@@ -96,6 +99,7 @@ class State:
         now: str,
         enforce: bool = False,
         reject_if_busy: bool = False,
+        message: str = "",
     ) -> str:
         """Record a new message as queued. Returns "ok", "forbidden" (`enforce`: the session or
         the message id is another user's), "busy:<message_id>" (`reject_if_busy` and the
@@ -113,6 +117,7 @@ class State:
             "reject" if reject_if_busy else "",
             k.prefix,
             message_id,
+            message,
         ]
         return _s(await self._accept(keys=keys, args=args))
 
@@ -187,6 +192,43 @@ class State:
         ), answer
         return cast(CancelAnswer, answer)
 
+    async def history(self, session_id: str) -> list[Turn]:
+        """The session's ended turns, oldest first (at most HISTORY_MAX_TURNS)."""
+        limit = self.settings.history_max_turns
+        if not limit:
+            return []
+        return parse_turns(await self.redis.lrange(self.keys.history(session_id), -limit, -1))
+
+    async def answer_so_far(self, message_id: str) -> str:
+        """The text of the chunks the message's stream holds since its last start (a takeover
+        streams the answer again after its `restart` event): its answer up to now."""
+        parts: list[str] = []
+        entries = cast(StreamEntries, await self.redis.xrange(self.keys.stream(message_id)))
+        for _, fields in entries:
+            event = fields.get(b"e")
+            if event == b"restart":
+                parts.clear()
+            elif event == b"chunk":
+                parts.append(str(orjson.loads(fields[b"d"]).get("delta", "")))
+        return "".join(parts)
+
+    async def open_turns(self, session_id: str) -> list[Turn]:
+        """The session's queued and streaming messages as turns, oldest first; a streaming
+        one's answer is its text so far."""
+        turns = []
+        for message_id, state in await self.open_messages(session_id):
+            fields = await self.message(message_id)
+            turns.append(
+                Turn(
+                    message_id=message_id,
+                    message=fields.get("message", ""),
+                    answer=await self.answer_so_far(message_id) if state == "streaming" else "",
+                    status="streaming" if state == "streaming" else "queued",
+                    created_at=fields.get("created") or None,
+                )
+            )
+        return turns
+
     async def message(self, message_id: str) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.msg(message_id))
         return {_s(k): _s(v) for k, v in raw.items()}
@@ -234,10 +276,17 @@ class State:
 
     # --- consumer ----------------------------------------------------------------------
     async def observe(
-        self, pipe: Pipeline, message_id: str, session_id: str, user_id: str | None, now: str
+        self,
+        pipe: Pipeline,
+        message_id: str,
+        session_id: str,
+        user_id: str | None,
+        now: str,
+        message: str = "",
     ) -> None:
         """Queue on `pipe`: record a consumed request as queued unless it has a state already."""
-        args: list[Arg] = [session_id, user_id or "", now, self.settings.msg_ttl_s, message_id]
+        ttl = self.settings.msg_ttl_s
+        args: list[Arg] = [session_id, user_id or "", now, ttl, message_id, message]
         keys = [self.keys.msg(message_id), self.keys.open_messages(session_id)]
         await self._observe(keys=keys, args=args, client=pipe)
 
@@ -307,10 +356,13 @@ class State:
         now: str,
         epoch: str = "",
         chunks: int = 0,
+        message: str = "",
+        answer: str = "",
     ) -> Finish:
         """`epoch`: the run's (Claim.epoch); a run fenced off by a later claim finishes nothing.
         "" for a message that never started a run (failed or refused before it). The lease
-        stays ours until `published()`."""
+        stays ours until `published()`. `message` and `answer` (the user's text and the
+        answer's): the turn appended to the session's history ("" message: none)."""
         k = self.keys
         keys = [
             k.msg(message_id),
@@ -320,8 +372,10 @@ class State:
             k.stream(message_id),
             k.leases(),
             k.open_messages(session_id),
+            k.history(session_id),
         ]
         s = self.settings
+        kept = answer[: s.history_max_chars]
         args: list[Arg] = [
             instance_id,
             wanted,
@@ -334,6 +388,11 @@ class State:
             epoch,
             s.lease_ms,
             chunks,
+            message,
+            kept,
+            "1" if len(kept) < len(answer) else "",
+            s.history_max_turns,
+            s.history_ttl_s,
         ]
         raw = await self._finish(keys=keys, args=args)
         if _s(raw[0]) == "already":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from chatpipe.errors import Reject
-from chatpipe.schemas import ChatRequest
+from chatpipe.schemas import ChatMessage, ChatRequest
 
 
 class ProviderError(Reject):
@@ -14,12 +14,16 @@ class ProviderError(Reject):
 
 
 class Provider(Protocol):
-    """Streams the answer to one request as text deltas.
+    """Streams the answer to one request as text deltas. `messages` is the conversation the
+    model is given (chatpipe/history.py: the session's earlier turns and this message, or the
+    request's own `messages`); `request` carries the ids and options.
 
     The caller may stop iterating at any time (a cancel, a shutdown) and then closes the
     generator with `aclose()`; a provider releases its upstream (closes the HTTP stream) there.
     """
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[str]: ...
+    def stream(
+        self, request: ChatRequest, messages: Sequence[ChatMessage]
+    ) -> AsyncIterator[str]: ...
 
     async def aclose(self) -> None: ...

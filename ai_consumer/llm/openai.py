@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -32,7 +32,7 @@ import orjson
 
 from ai_consumer.llm import ProviderError
 from chatpipe.errors import ChatpipeError
-from chatpipe.schemas import ChatRequest
+from chatpipe.schemas import ChatMessage, ChatRequest
 from chatpipe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,11 @@ class OpenAIProvider:
             "set" if api_key else "not set",
         )
 
-    def body(self, request: ChatRequest) -> dict[str, Any]:
-        """The chat completion request for `request` (one user message)."""
+    def body(self, request: ChatRequest, messages: Sequence[ChatMessage]) -> dict[str, Any]:
+        """The chat completion request for `request`, given the conversation `messages`."""
         opts = request.options
         out: dict[str, Any] = {
-            "messages": [{"role": "user", "content": request.message}],
+            "messages": [m.model_dump(include={"role", "content"}) for m in messages],
             "stream": True,
         }
         model = (opts.model if opts else None) or self.model
@@ -175,12 +175,14 @@ class OpenAIProvider:
             out["temperature"] = opts.temperature
         return out
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str]:
+    async def stream(
+        self, request: ChatRequest, messages: Sequence[ChatMessage]
+    ) -> AsyncIterator[str]:
         try:
             async with self._client.stream(
                 "POST",
                 self.url,
-                json=self.body(request),
+                json=self.body(request, messages),
                 headers={"X-Request-Id": request.message_id},
             ) as response:
                 if not response.is_success:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from chatpipe.schemas import ChatRequest
+from chatpipe.schemas import ChatMessage, ChatRequest
 
 WORDS = [
     "the",
@@ -59,11 +59,21 @@ WORDS = [
 ]
 
 
-def simulated_tokens(request: ChatRequest, count: int) -> list[str]:
-    """The deterministic answer to `request`: same message, same text."""
-    digest = hashlib.sha256(request.message.encode()).digest()
+def simulated_tokens(
+    request: ChatRequest, count: int, messages: Sequence[ChatMessage] | None = None
+) -> list[str]:
+    """The deterministic answer to `request` given the conversation `messages`: derived from
+    every user message the model was given, so the same conversation gives the same text and a
+    test sees the history arrive (without history: from the message alone)."""
+    users = [m.content for m in messages or () if m.role == "user"] or [request.message]
+    digest = hashlib.sha256("\n".join(users).encode()).digest()
     start = digest[0] % len(WORDS)
-    return [("" if i == 0 else " ") + WORDS[(start + i) % len(WORDS)] for i in range(count)]
+    # one message: the words in order from `start` (47 texts); a conversation also picks a
+    # stride (47 x 46 texts: two conversations rarely share an answer; 47 is prime)
+    stride = 1 if len(users) == 1 else 1 + digest[1] % (len(WORDS) - 1)
+    return [
+        ("" if i == 0 else " ") + WORDS[(start + i * stride) % len(WORDS)] for i in range(count)
+    ]
 
 
 class SimulatedProvider:
@@ -72,13 +82,15 @@ class SimulatedProvider:
         self.delay = token_delay_ms / 1000
         self.first_delay = first_token_delay_ms / 1000
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str]:
+    async def stream(
+        self, request: ChatRequest, messages: Sequence[ChatMessage]
+    ) -> AsyncIterator[str]:
         opts = request.options
         count = opts.max_tokens if opts and opts.max_tokens else self.tokens
         loop = asyncio.get_running_loop()
         # pace against a schedule, not by chaining sleeps, so the rate holds under load
         due = loop.time() + self.first_delay
-        for i, token in enumerate(simulated_tokens(request, count)):
+        for i, token in enumerate(simulated_tokens(request, count, messages)):
             if i:
                 due += self.delay
             wait = due - loop.time()

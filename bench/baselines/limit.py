@@ -19,6 +19,7 @@ from ai_consumer.interrupt import until_set
 from ai_consumer.llm.factory import make_provider
 from api.sse import SSEResponse
 from bench.baselines import chunk, done, now, request_of, serve, sse
+from chatpipe.history import alone
 from chatpipe.schemas import CancelBody, ChatBody
 from chatpipe.settings import Settings
 
@@ -38,7 +39,10 @@ def create_app(settings: Settings) -> FastAPI:
             seq = 0
             try:
                 async with contextlib.aclosing(
-                    until_set(provider.stream(req), cancelled)
+                    until_set(
+                        provider.stream(req, alone(req)),
+                        cancelled,
+                    )
                 ) as tokens:
                     async for delta in tokens:
                         seq += 1

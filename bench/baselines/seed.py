@@ -25,6 +25,7 @@ from ai_consumer.llm.factory import make_provider
 from api.sse import SSEResponse
 from bench.baselines import chunk, done, now, request_of, serve, sse
 from chatpipe.clients import make_redis
+from chatpipe.history import alone
 from chatpipe.keys import Keys
 from chatpipe.schemas import CancelBody, ChatBody
 from chatpipe.settings import Settings
@@ -49,7 +50,7 @@ def create_app(settings: Settings, check_every: int) -> FastAPI:
         async def events() -> AsyncIterator[dict[str, Any]]:
             seq, status = 0, "completed"
             try:
-                async for delta in provider.stream(req):
+                async for delta in provider.stream(req, alone(req)):
                     at = now()
                     seq += 1
                     if seq % check_every == 0 and await redis.get(flag) is not None:

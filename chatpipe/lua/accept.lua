@@ -4,11 +4,13 @@
 -- Every queued or streaming message of a session is in the set `open` (FINISH and WITHDRAW
 -- take it out): with if_busy 'reject' a session with an open message answers 'busy:<its id>'
 -- and queues nothing (a member whose message is gone or final is dropped first).
+-- The user's text is kept (field `message`) until the message ends and its turn is in the
+-- session's history (finish.lua), so the conversation shows a queued message too.
 -- KEYS msg owner open ; ARGV session user now ttl enforce owner_ttl if_busy key_prefix message_id
---   ->  "ok" | "forbidden" | "busy:<message_id>" | state
+--   message  ->  "ok" | "forbidden" | "busy:<message_id>" | state
 local msg_key, owner_key, open_key = KEYS[1], KEYS[2], KEYS[3]
 local session, user, now, msg_ttl, enforce, owner_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local if_busy, key_prefix, message_id = ARGV[7], ARGV[8], ARGV[9]
+local if_busy, key_prefix, message_id, message = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 
 local state = redis.call('HGET', msg_key, 'state')
 if enforce == '1' then
@@ -31,6 +33,7 @@ if enforce == '1' then redis.call('SET', owner_key, user, 'EX', owner_ttl) end
 if state then redis.call('HDEL', msg_key, 'published') end
 redis.call('HSET', msg_key, 'state', 'queued', 'session', session, 'user', user,
            'created', now)
+if message ~= '' then redis.call('HSET', msg_key, 'message', message) end
 redis.call('EXPIRE', msg_key, msg_ttl)
 redis.call('SADD', open_key, message_id)
 redis.call('EXPIRE', open_key, msg_ttl)

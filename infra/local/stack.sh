@@ -10,11 +10,12 @@
 #   infra/local/stack.sh logs    [kafka|redis|all] [-f]
 #   infra/local/stack.sh restart [kafka|redis|all]
 #   infra/local/stack.sh restart-redis                stop + start Redis: its data is gone
+#                                                     (kept with REDIS_APPENDONLY=yes)
 #   infra/local/stack.sh wipe    [kafka|redis|all]    stop, then delete the data
 #   infra/local/stack.sh env                          print the export line for clients
 #
 # Settings (environment): KAFKA_PORT=9092 KAFKA_CONTROLLER_PORT=9093 REDIS_PORT=6379
-# KAFKA_HEAP=512m KAFKA_JAVA_OPTS='' STACK_TIMEOUT=60 STOP_TIMEOUT=30
+# KAFKA_HEAP=512m KAFKA_JAVA_OPTS='' STACK_TIMEOUT=60 STOP_TIMEOUT=30 REDIS_APPENDONLY=no
 # CHATPIPE_STACK_DIR=$HOME/.local/state/chatpipe/stack-$KAFKA_PORT
 # CHATPIPE_CACHE_DIR=$HOME/.cache/chatpipe (the Kafka jars). See docs/local-stack.md.
 #
@@ -57,6 +58,7 @@ KAFKA_LOG="${STACK_DIR}/kafka.log"
 KAFKA_OUT="${STACK_DIR}/kafka.out"   # JVM stdout/stderr (crashes, bad options)
 KAFKA_PID="${STACK_DIR}/kafka.pid"
 REDIS_DIR="${STACK_DIR}/redis"
+REDIS_APPENDONLY="${REDIS_APPENDONLY:-no}"  # yes: AOF persistence (a restart keeps the data)
 REDIS_LOG="${STACK_DIR}/redis.log"
 REDIS_PID="${STACK_DIR}/redis.pid"
 REDIS_CONF="${STACK_DIR}/redis-acl.conf"          # ACL mode only (mode 600: holds the password)
@@ -477,13 +479,16 @@ start_redis() {
   mkdir -p "$REDIS_DIR"
   mark_log "$REDIS_LOG"
   local started=$SECONDS
-  log "starting redis on ${HOST}:${REDIS_PORT} (no persistence, dir ${STACK_DIR}${REDIS_ACL_USER:+, ACL user ${REDIS_ACL_USER}})"
+  local persistence="no persistence"
+  [[ "$REDIS_APPENDONLY" == yes ]] && persistence="AOF, fsync every second"
+  log "starting redis on ${HOST}:${REDIS_PORT} (${persistence}, dir ${STACK_DIR}${REDIS_ACL_USER:+, ACL user ${REDIS_ACL_USER}})"
   local conf=()
   mapfile -t conf < <(redis_config_args)
-  # No persistence on purpose: the tests rely on a restart losing every key.
+  # No persistence by default, on purpose: the tests rely on a restart losing every key.
+  # REDIS_APPENDONLY=yes keeps the data across a restart (AOF, as the compose files run it).
   redis-server "${conf[@]}" --bind "$HOST" --port "$REDIS_PORT" --protected-mode yes \
     --daemonize yes --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" --dir "$REDIS_DIR" \
-    --save '' --appendonly no </dev/null 9>&- \
+    --save '' --appendonly "$REDIS_APPENDONLY" --appendfsync everysec </dev/null 9>&- \
     || { tail_logs "$REDIS_LOG"; die "redis-server did not start"; }
   # The daemon writes its pid file right after forking; give it a moment.
   local n=0

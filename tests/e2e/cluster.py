@@ -421,6 +421,19 @@ class Cluster:
                 p.signal(signal.SIGKILL)
                 p.popen.wait(timeout=10)
 
+    def restart(self, timeout: float = 60.0, between: Callable[[], None] | None = None) -> None:
+        """Stop every process, run `between` (e.g. restart Redis), start them all again, each
+        with the same settings and ports and a new log file, and wait until they are ready."""
+        self.stop()
+        if between is not None:
+            between()
+        for p in self.procs:
+            if p.member:
+                runs = len(list(self.workdir.glob(f"{p.name}*.log")))
+                p.log_path = self.workdir / f"{p.name}.run{runs + 1}.log"
+                p.start(self.workdir)
+        self.wait_ready(timeout)
+
     @contextlib.contextmanager
     def running(self, timeout: float = 60.0) -> Iterator[Cluster]:
         self.start()

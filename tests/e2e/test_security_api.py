@@ -317,6 +317,12 @@ async def test_another_users_session_cancel_or_interrupt_is_refused_and_changes_
     assert refused.status_code == 403, refused.text
     async with SSEStream(alice[1], f"/api/chat/{accepted['message_id']}/stream") as stream:
         assert_whole_answer(await stream.until_done(within=30))  # untouched
+    # the conversation is the owner's only: Mallory reads nothing of it, Alice all of it
+    refused = await mallory[1].get(f"/api/sessions/{session}/messages")
+    assert refused.status_code == 403, refused.text
+    assert "answer" not in refused.text
+    mine = await alice[1].get(f"/api/sessions/{session}/messages")
+    assert [t["message_id"] for t in mine.json()["messages"]] == [accepted["message_id"]]
 
 
 # --- 2. stream tokens ----------------------------------------------------------------------

@@ -560,3 +560,53 @@ async def test_if_busy_reject_names_the_open_message_and_queues_nothing(
     await redis.delete(keys.msg("m-1"))  # gone (expired): the session is not busy any more
     assert await state.accept("m-3", "s-1", "u-1", NOW, reject_if_busy=True) == "ok"
     assert await state.open_messages("s-1") == [("m-3", "queued")]
+
+
+async def test_finish_appends_the_turn_to_the_sessions_history_once(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    state = State(redis, make_settings(**TTLS, history_max_turns=2, history_max_chars=5))
+    for n in range(3):
+        m = f"m-{n}"
+        assert await state.accept(m, "s-1", "u-1", NOW, message=f"q{n}") == "ok"
+        assert (await state.message(m))["message"] == f"q{n}"  # shown while queued
+        assert (await state.claim(m, "s-1", "u-1", A, NOW)).outcome == "start"
+        fin = await state.finish(
+            m, "s-1", A, "completed", "", 3, NOW, message=f"q{n}", answer="abcdefg"
+        )
+        assert fin.state == "completed"
+        again = await state.finish(
+            m, "s-1", A, "completed", "", 3, NOW, message=f"q{n}", answer="x"
+        )
+        assert again.already
+        assert "message" not in await state.message(m)  # the turn holds it now
+    turns = await state.history("s-1")
+    assert [(t.message_id, t.message, t.answer, t.status, t.truncated) for t in turns] == [
+        ("m-1", "q1", "abcde", "completed", True),  # the oldest was dropped; answers cut at 5
+        ("m-2", "q2", "abcde", "completed", True),
+    ]
+    assert turns[0].created_at == NOW
+    assert turns[0].chunks == 0
+    assert 0 < await redis.ttl(state.keys.history("s-1")) <= state.settings.history_ttl_s
+
+
+async def test_a_refused_request_leaves_no_turn_and_history_off_keeps_none(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    state = State(redis, make_settings(**TTLS))
+    await state.finish("m-x", "s-2", A, "failed", "forbidden", 0, NOW)  # message "": no turn
+    assert await state.history("s-2") == []
+    off = State(redis, make_settings(**TTLS, history_max_turns=0))
+    await off.finish("m-y", "s-2", A, "completed", "", 0, NOW, message="q", answer="a")
+    assert await redis.exists(off.keys.history("s-2")) == 0
+
+
+async def test_the_answer_so_far_restarts_with_a_takeover(state: State) -> None:
+    await streaming(state)
+    await append(state, "m-1", range(1, 3))
+    assert await state.answer_so_far("m-1") == "t1t2"
+    async with state.redis.pipeline(transaction=False) as pipe:
+        state.append(pipe, "m-1", "restart", 3, {"seq": 3})
+        await pipe.execute()
+    await append(state, "m-1", range(4, 5))
+    assert await state.answer_so_far("m-1") == "t4"

@@ -234,6 +234,30 @@ REQUEST_CASES: list[tuple[str, Json, bool]] = [
         True,
     ),
     ("no message", {"messageId": "m-1", "sessionId": "s-1"}, False),
+    (
+        "messages instead of message (1.3.0)",
+        {"messageId": "m-1", "sessionId": "s-1", "messages": [{"role": "user", "content": "hi"}]},
+        True,
+    ),
+    (
+        "messages and message",
+        {
+            "messageId": "m-1",
+            "sessionId": "s-1",
+            "message": "hi",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+            ],
+        },
+        True,
+    ),
+    (
+        "messages with an unknown role",
+        {"messageId": "m-1", "sessionId": "s-1", "messages": [{"role": "tool", "content": "x"}]},
+        False,
+    ),
+    ("empty messages", {"messageId": "m-1", "sessionId": "s-1", "messages": []}, False),
     ("empty message", {"messageId": "m-1", "sessionId": "s-1", "message": ""}, False),
     ("no message id", {"sessionId": "s-1", "message": "hi"}, False),
     ("no session id", {"message_id": "m-1", "message": "hi"}, False),
@@ -378,7 +402,7 @@ def test_asyncapi_structure() -> None:
     keys, headers and payload files, examples valid against their schemas."""
     doc = committed(contract.ASYNCAPI_FILE)
     assert doc["asyncapi"] == "3.0.0"
-    assert doc["info"]["version"] == "1.2.0"
+    assert doc["info"]["version"] == "1.3.0"
     assert doc["info"]["title"] == "chatpipe"
     assert doc["defaultContentType"] == "application/json"
     addresses = {c["address"]: c for c in doc["channels"].values()}

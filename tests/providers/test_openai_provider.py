@@ -21,6 +21,7 @@ from ai_consumer.llm import ProviderError
 from ai_consumer.llm.factory import make_provider
 from ai_consumer.llm.openai import OpenAIProvider, completions_url
 from chatpipe.errors import ChatpipeError
+from chatpipe.history import alone
 from chatpipe.schemas import ChatOptions, ChatRequest
 from chatpipe.settings import Settings
 from tests.providers.upstream import ERROR_MESSAGE, FakeOpenAI, refused_url, reply, serve
@@ -61,7 +62,7 @@ async def provider_for(base_url: str, **overrides: Any) -> AsyncIterator[OpenAIP
 
 
 async def collect(provider: OpenAIProvider, req: ChatRequest) -> list[str]:
-    return [delta async for delta in provider.stream(req)]
+    return [delta async for delta in provider.stream(req, alone(req))]
 
 
 async def failure(provider: OpenAIProvider, req: ChatRequest) -> str:
@@ -153,7 +154,7 @@ def test_completions_url() -> None:
 
 async def test_two_streams_at_once_cancelling_one_leaves_the_other(upstream: FakeOpenAI) -> None:
     async with provider_for(upstream.url) as provider:
-        held = provider.stream(request("hold:100", n=1))
+        held = provider.stream(request("hold:100", n=1), alone(request("hold:100", n=1)))
         assert await anext(held) == "t0 "
         other = await collect(provider, request("meanwhile", n=2))
         await held.aclose()  # type: ignore[attr-defined]
@@ -199,7 +200,7 @@ async def test_the_key_is_never_logged_nor_shown(
 
 
 async def test_cancel_mid_stream_closes_the_upstream_at_once(upstream: FakeOpenAI) -> None:
-    """The handler's way: until_set(provider.stream(req), stream.cancelled), and a cancel sets
+    """The handler's way: until_set(provider.stream(req, alone(req)), stream.cancelled), and a cancel sets
     the event from another task while the provider waits for the next token."""
     loop = asyncio.get_running_loop()
     cancelled = asyncio.Event()
@@ -208,7 +209,7 @@ async def test_cancel_mid_stream_closes_the_upstream_at_once(upstream: FakeOpenA
 
     async def consume(provider: OpenAIProvider) -> None:
         async with contextlib.aclosing(
-            until_set(provider.stream(request("hold:2")), cancelled)
+            until_set(provider.stream(request("hold:2"), alone(request("hold:2"))), cancelled)
         ) as it:
             async for delta in it:
                 got.append(delta)
@@ -243,7 +244,7 @@ async def test_cancel_before_the_first_token_closes_the_upstream(
 
     async def consume(provider: OpenAIProvider) -> None:
         async with contextlib.aclosing(
-            until_set(provider.stream(request(message)), cancelled)
+            until_set(provider.stream(request(message), alone(request(message))), cancelled)
         ) as it:
             async for delta in it:
                 got.append(delta)
@@ -266,7 +267,9 @@ async def test_breaking_out_of_the_loop_closes_the_upstream(upstream: FakeOpenAI
     loop = asyncio.get_running_loop()
     never = asyncio.Event()
     async with provider_for(upstream.url) as provider:
-        async with contextlib.aclosing(until_set(provider.stream(request("hold:3")), never)) as it:
+        async with contextlib.aclosing(
+            until_set(provider.stream(request("hold:3"), alone(request("hold:3"))), never)
+        ) as it:
             async for delta in it:
                 if delta == "t1 ":
                     break
@@ -283,7 +286,7 @@ async def test_cancelling_the_task_closes_the_upstream(upstream: FakeOpenAI) -> 
     first = asyncio.Event()
 
     async def consume(provider: OpenAIProvider) -> None:
-        async for _ in provider.stream(request("hold:1")):
+        async for _ in provider.stream(request("hold:1"), alone(request("hold:1"))):
             first.set()
 
     async with provider_for(upstream.url) as provider:
@@ -307,7 +310,9 @@ async def test_cancelling_the_task_inside_until_set_closes_the_upstream(
     never = asyncio.Event()
 
     async def consume(provider: OpenAIProvider) -> None:
-        async with contextlib.aclosing(until_set(provider.stream(request("hold:1")), never)) as it:
+        async with contextlib.aclosing(
+            until_set(provider.stream(request("hold:1"), alone(request("hold:1"))), never)
+        ) as it:
             async for _ in it:
                 first.set()
 
@@ -384,7 +389,7 @@ async def test_a_broken_stream_fails_after_the_good_part(
     got: list[str] = []
 
     async def consume(provider: OpenAIProvider) -> None:
-        async for delta in provider.stream(request(message)):
+        async for delta in provider.stream(request(message), alone(request(message))):
             got.append(delta)
 
     async with provider_for(upstream.url) as provider:
@@ -398,7 +403,7 @@ async def test_a_dropped_connection_fails_with_what_happened(upstream: FakeOpenA
     got: list[str] = []
 
     async def consume(provider: OpenAIProvider) -> None:
-        async for delta in provider.stream(request("drop")):
+        async for delta in provider.stream(request("drop"), alone(request("drop"))):
             got.append(delta)
 
     async with provider_for(upstream.url) as provider:
@@ -415,7 +420,9 @@ async def test_the_factory_builds_it_from_the_settings(upstream: FakeOpenAI) -> 
     provider = make_provider(settings_for(upstream.url))
     try:
         assert isinstance(provider, OpenAIProvider)
-        assert [d async for d in provider.stream(request("hi"))] == reply("hi")
+        assert [d async for d in provider.stream(request("hi"), alone(request("hi")))] == reply(
+            "hi"
+        )
     finally:
         await provider.aclose()
 

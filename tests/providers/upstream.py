@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,6 +291,31 @@ async def serve(fake: FakeOpenAI) -> AsyncIterator[FakeOpenAI]:
         server.should_exit = True
         await task
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_in_thread(fake: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """Run `fake` in a thread with its own loop, for processes a module starts before any
+    test's loop runs; the test reads `fake.calls` (appended by that loop)."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        async with serve(fake):
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    if not started.wait(10):
+        raise AssertionError("the fake OpenAI server did not start within 10 s")
+    try:
+        yield fake
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
 
 
 def refused_url() -> str:

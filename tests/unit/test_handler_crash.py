@@ -10,7 +10,7 @@ tests/integration/test_state.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 from aiokafka import TopicPartition
@@ -22,7 +22,7 @@ from ai_consumer.registry import Registry
 from ai_consumer.worker import Worker
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import ChatRequest
+from chatpipe.schemas import ChatMessage, ChatRequest
 from chatpipe.settings import Settings
 from chatpipe.state import Claim, Finish
 
@@ -64,6 +64,8 @@ class FakeState:
         now: str,
         epoch: str = "",
         chunks: int = 0,
+        message: str = "",
+        answer: str = "",
     ) -> Finish:
         self.finished.append(
             {"message_id": message_id, "state": wanted, "reason": reason, "seq": seq}
@@ -72,6 +74,12 @@ class FakeState:
 
     async def published(self, message_id: str, instance_id: str) -> None:
         return None
+
+    async def history(self, session_id: str) -> list[Any]:
+        return []
+
+    async def answer_so_far(self, message_id: str) -> str:
+        return ""
 
 
 class FakeSink:
@@ -93,7 +101,9 @@ class FakeSink:
 class BuggyProvider:
     """Two tokens, then an exception no provider is supposed to raise."""
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str]:
+    async def stream(
+        self, request: ChatRequest, messages: Sequence[ChatMessage]
+    ) -> AsyncIterator[str]:
         yield "a"
         yield " b"
         raise KeyError("bug")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ai_consumer.llm.simulated import SimulatedProvider, simulated_tokens
+from chatpipe.history import alone
 from chatpipe.schemas import ChatOptions, ChatRequest
 
 
@@ -12,7 +13,7 @@ def request(message: str, max_tokens: int | None = None, message_id: str = "m-1"
 
 
 async def answer(provider: SimulatedProvider, req: ChatRequest) -> list[str]:
-    return [token async for token in provider.stream(req)]
+    return [token async for token in provider.stream(req, alone(req))]
 
 
 async def test_same_message_gives_the_same_text() -> None:
@@ -52,7 +53,7 @@ async def test_options_max_tokens_is_honoured() -> None:
 
 async def test_closing_early_is_clean() -> None:
     provider = SimulatedProvider(tokens=100, token_delay_ms=0, first_token_delay_ms=0)
-    stream = provider.stream(request("hi"))
+    stream = provider.stream(request("hi"), alone(request("hi")))
     assert await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
     await provider.aclose()
