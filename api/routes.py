@@ -20,6 +20,7 @@ from chatpipe.schemas import (
     ChatAccepted,
     ChatBody,
     SessionCancelled,
+    SessionDeleted,
 )
 
 router = APIRouter()
@@ -182,6 +183,22 @@ async def post_session_cancel(
 ) -> SessionCancelled:
     """Stop every queued and streaming message of the session, from any instance."""
     return await _service(request).cancel_session(session_id, caller)
+
+
+@router.delete(
+    "/api/sessions/{session_id}",
+    response_model=SessionDeleted,
+    tags=["sessions"],
+    responses={
+        **AUTH_DOC,
+        503: {"description": "Kafka or Redis unavailable, or still stopping; see Retry-After"},
+    },
+)
+async def delete_session(
+    session_id: Annotated[str, Path(pattern=ID_PATTERN)], request: Request, caller: Caller
+) -> SessionDeleted:
+    """Stop everything of the session, then remove its history and its messages' state."""
+    return await _service(request).delete_session(session_id, caller)
 
 
 @router.get(

@@ -27,6 +27,7 @@ from chatpipe.schemas import (
     ChatCancel,
     ChatRequest,
     SessionCancelled,
+    SessionDeleted,
     rfc3339,
     utcnow,
 )
@@ -257,6 +258,51 @@ class ChatService:
             extra={"session_id": session_id},
         )
         return SessionCancelled(session_id=session_id, cancelled=cancelled, ended=ended)
+
+    async def delete_session(
+        self, session_id: str, caller: Principal | None = None
+    ) -> SessionDeleted:
+        """Stop everything of the session, wait until it has stopped, then remove its history
+        and the state and event streams of its messages, and tombstone their cancel records.
+        A message still queued in Kafka keeps its state until it has ended (else its record
+        would start it anew): when that takes longer than SESSION_DELETE_WAIT_S, Unavailable
+        (503: the client sends the DELETE again; it is idempotent)."""
+        stopped = await self.cancel_session(session_id, caller)
+        await self._until_ended(session_id, stopped.cancelled)
+        history = await self._bounded("redis", self.state.history(session_id))
+        ids = list(
+            dict.fromkeys([*(t.message_id for t in history), *stopped.cancelled, *stopped.ended])
+        )
+        await self._bounded("redis", self.state.forget_session(session_id, ids))
+        producer = self.producer.get()
+        sent = [
+            await producer.send(
+                self.settings.cancels_topic, None, key=cancel_record_key(session_id, m).encode()
+            )
+            for m in ids
+        ]
+        await self._bounded("kafka", asyncio.gather(*sent))
+        log.info(
+            "session deleted: %d messages removed, %d stopped first",
+            len(ids),
+            len(stopped.cancelled),
+            extra={"session_id": session_id},
+        )
+        return SessionDeleted(session_id=session_id, cancelled=stopped.cancelled, removed=ids)
+
+    async def _until_ended(self, session_id: str, stopped: list[str]) -> None:
+        """Return once the session has no queued or streaming message and the `stopped` ones
+        are done with (their terminal event acked, so their finisher writes nothing more)."""
+        wait = self.settings.session_delete_wait_s
+        deadline = time.monotonic() + wait
+        while await self._bounded("redis", self.state.open_messages(session_id)) or not (
+            await self._bounded("redis", self.state.settled(stopped))
+        ):
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"session {session_id} is still stopping after {wait:g}s; send the DELETE again"
+                )
+            await asyncio.sleep(0.05)
 
     async def session_messages(
         self, session_id: str, caller: Principal | None, limit: int, before: str | None

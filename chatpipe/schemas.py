@@ -261,6 +261,14 @@ class SessionCancelled(BaseModel):
     ended: list[str] = Field(description="ids that had ended before the cancel reached them")
 
 
+class SessionDeleted(BaseModel):
+    """Answer of `DELETE /api/sessions/{session_id}`."""
+
+    session_id: str
+    cancelled: list[str] = Field(description="ids of the messages it stopped first")
+    removed: list[str] = Field(description="ids of the messages whose state and stream it removed")
+
+
 class CancelResult(BaseModel):
     status: Literal["cancelled", "completed", "not_found"]
     message: str

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     # busy api reads many chunks per round trip (fewer commands, less CPU) for <= this delay
     sse_read_interval_ms: float = 10.0
     api_kafka_timeout_s: float = 5.0
+    # DELETE /api/sessions/{id}: how long it waits for the session's messages to stop
+    session_delete_wait_s: float = 10.0
     retry_after_s: int = 5
 
     # --- api security (docs/security.md "Authentication, ownership, limits") ------------

@@ -229,6 +229,34 @@ class State:
             )
         return turns
 
+    async def settled(self, message_ids: Sequence[str]) -> bool:
+        """Every one of the messages is final with its terminal event acked by Kafka (its
+        finisher is done with it), or unknown to Redis."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for m in message_ids:
+                pipe.hmget(self.keys.msg(m), ["state", "published"])
+            found = await pipe.execute()
+        return all(
+            state is None or (_s(state) in FINAL_STATES and published == b"1")
+            for state, published in found
+        )
+
+    async def forget_session(self, session_id: str, message_ids: Sequence[str]) -> int:
+        """Delete every key of the session and of its messages `message_ids` (their state,
+        event streams, leases, cancel flags): `DELETE /api/sessions/{id}`. Returns how many
+        keys there were. The caller stopped the messages first."""
+        k = self.keys
+        names = [k.history(session_id), k.open_messages(session_id)]
+        names += [k.active(session_id), k.owner(session_id)]
+        for m in message_ids:
+            names += [k.msg(m), k.stream(m), k.lease(m), k.cancel(session_id, m)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*names)
+            if message_ids:
+                pipe.zrem(k.leases(), *message_ids)
+            found = await pipe.execute()
+        return int(found[0])
+
     async def message(self, message_id: str) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.msg(message_id))
         return {_s(k): _s(v) for k, v in raw.items()}

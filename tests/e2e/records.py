@@ -89,6 +89,36 @@ async def read_responses(
         await consumer.stop()
 
 
+async def latest_cancels(settings: Settings, within: float = 20.0) -> dict[str, bytes | None]:
+    """The latest value of each key on chat.cancels (None: a tombstone), read from the
+    beginning up to the end offsets of now: what the compacted topic will keep."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=100,
+    )
+    await consumer.start()
+    latest: dict[str, bytes | None] = {}
+    try:
+        parts = [
+            TopicPartition(settings.cancels_topic, p) for p in range(settings.topic_partitions)
+        ]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        async with asyncio.timeout(within):
+            while behind := [tp for tp in parts if await consumer.position(tp) < end[tp]]:
+                for records in (await consumer.getmany(*behind, timeout_ms=200)).values():
+                    for r in records:
+                        if r.key is not None:
+                            latest[r.key.decode()] = r.value
+        return latest
+    finally:
+        await consumer.stop()
+
+
 @contextlib.asynccontextmanager
 async def foreign_producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
     """A plain producer (acks=all), standing in for another team's, e.g. Spring's KafkaTemplate."""

@@ -11,10 +11,14 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from redis.asyncio import Redis
 
+from chatpipe.keys import Keys, cancel_record_key
+from chatpipe.settings import Settings
 from tests.e2e.cluster import new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.faults.consumer_support import recorded
+from tests.e2e.records import latest_cancels
 from tests.e2e.sse import SSEEvent, chunks, dones
 
 pytestmark = pytest.mark.e2e
@@ -112,3 +116,46 @@ async def test_if_busy_enqueue_is_the_default_and_runs_after_the_open_one(
     assert [status(s.events) for s in streams] == ["completed", "completed"]
     # per-session order: the second's first chunk after the first's done
     assert chunks(streams[1].events)[0].received > dones(streams[0].events)[0].received
+
+
+async def test_delete_of_a_session_stops_it_then_leaves_nothing_of_it(
+    apis: tuple[Api, Api], redis: Redis, settings: Settings
+) -> None:
+    a, b = apis
+    session, neighbour = new_session(), new_session()
+    ended = (await a.chat(session, max_tokens=2))["message_id"]
+    async with a.stream(ended) as stream:
+        assert status(await stream.until_done(within=30)) == "completed"
+    streaming = (await a.chat(session))["message_id"]
+    queued = (await a.chat(session))["message_id"]
+    other = (await a.chat(neighbour, max_tokens=2))["message_id"]
+    async with recorded([a.stream(streaming), a.stream(queued)]) as streams:
+        await streams[0].wait_for(lambda evs: bool(chunks(evs)), within=20, what="a chunk")
+        deleted = await b.client.delete(f"/api/sessions/{session}")
+        assert deleted.status_code == 200, deleted.text
+        for s in streams:
+            await s.wait_done(within=30)
+    body = deleted.json()
+    assert body["session_id"] == session
+    assert body["cancelled"] == [streaming, queued]
+    assert sorted(body["removed"]) == sorted([ended, streaming, queued])
+    assert [status(s.events) for s in streams] == ["cancelled", "cancelled"]
+
+    ids = (session, ended, streaming, queued)
+    left = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}*", count=1000)]
+    mine = [k for k in left if any(i in k.decode() for i in ids)]
+    assert mine == []
+    assert await redis.zscore(Keys.from_settings(settings).leases(), streaming) is None
+    for message_id in (ended, streaming, queued):
+        gone = await b.client.get(f"/api/chat/{message_id}/stream")
+        assert gone.status_code == 404, gone.text
+    shown = await a.client.get(f"/api/sessions/{session}/messages")
+    assert shown.json()["messages"] == []
+    latest = await latest_cancels(settings)
+    for message_id in (streaming, queued):  # their cancel records: tombstoned
+        key = cancel_record_key(session, message_id)
+        assert key in latest, key
+        assert latest[key] is None, key
+    async with a.stream(other) as stream:  # another session of the user: untouched
+        assert status(await stream.until_done(within=30)) == "completed"
+    assert (await a.client.delete(f"/api/sessions/{session}")).json()["removed"] == []
