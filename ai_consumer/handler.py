@@ -21,7 +21,7 @@ from chatpipe.history import prompt
 from chatpipe.keys import cancel_record_key
 from chatpipe.logs import log_context
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import ChatRequest
+from chatpipe.schemas import ChatRequest, rfc3339
 from chatpipe.settings import Settings
 from chatpipe.state import Claim, State
 from chatpipe.tracing import Tracing
@@ -71,7 +71,11 @@ class Handler:
         return value
 
     async def handle(
-        self, req: ChatRequest, traceparent: str | None = None, takeover: bool = False
+        self,
+        req: ChatRequest,
+        traceparent: str | None = None,
+        takeover: bool = False,
+        refused: str | None = None,
     ) -> str:
         """Run `req` to its end. Returns what happened: a final state, or `skipped`.
         `takeover`: `req` comes from Redis (its owner's lease lapsed: ai_consumer/takeover.py),
@@ -82,13 +86,21 @@ class Handler:
         event) instead of staying `streaming` with an offset that never finishes.
 
         Every log line meanwhile carries the message's ids; with tracing on, its events carry
-        the traceparent of this message's span (a child of the request's)."""
+        the traceparent of this message's span (a child of the request's).
+
+        `refused`: the request is not to run (its `if_busy: reject` met a busy session): it
+        ends `failed` with this reason, and no turn is kept."""
         attributes = {"chatpipe.message_id": req.message_id, "chatpipe.session_id": req.session_id}
         with (
             log_context(message_id=req.message_id, session_id=req.session_id),
             self.tracing.span("chat.respond", traceparent, attributes) as traceparent,
         ):
             try:
+                if refused is not None:
+                    log.info("request refused: %s", refused, extra=attributes)
+                    return await self._finish(
+                        req, None, "failed", refused, 0, traceparent, turn=False
+                    )
                 return await self._handle(req, traceparent, takeover)
             except (RedisError, Retry):
                 raise  # transient: the worker tries the message again
@@ -122,7 +134,13 @@ class Handler:
         request = b"" if takeover else req.to_json()
         while True:
             claim = await self.state.claim(
-                req.message_id, req.session_id, req.user_id, self.instance_id, _now(), request
+                req.message_id,
+                req.session_id,
+                req.user_id,
+                self.instance_id,
+                _now(),
+                request,
+                rfc3339(req.created_at),
             )
             if claim.outcome == "final":
                 log.info("already %s, skipped", claim.detail, extra=ids)

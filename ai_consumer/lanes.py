@@ -29,6 +29,7 @@ class Work:
     traceparent: str | None = None
     book: PartitionOffsets | None = None  # the offsets of the assignment it was taken under
     dropped: bool = False  # its partition was revoked before it started
+    refused: str | None = None  # not to run (if_busy reject met a busy session): why
 
 
 Run = Callable[[Work], Awaitable[None]]
@@ -58,7 +59,11 @@ class Lanes:
         return list(self._tasks)
 
     def submit(self, work: Work) -> None:
+        # a refused request (if_busy reject) is not answered, only ended: it does not wait
+        # behind the session's open messages (that is what it was refused for)
         session = work.request.session_id
+        if work.refused is not None:
+            session = f"{session}\0refused:{work.request.message_id}"
         self._queues.setdefault(session, deque()).append(work)
         self.waiting += 1
         self._idle.clear()

@@ -28,10 +28,10 @@ from ai_consumer.handler import Handler
 from ai_consumer.lanes import Lanes, Work
 from ai_consumer.offsets import PartitionOffsets
 from ai_consumer.registry import Registry
-from chatpipe.codec import header, parse_request
+from chatpipe.codec import header, parse_request_record
 from chatpipe.errors import InvalidRecord, Retry
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import ChatRequest, rfc3339, utcnow
+from chatpipe.schemas import ChatRequest, rfc3339
 from chatpipe.settings import Settings
 from chatpipe.state import State
 from chatpipe.unreadable import DECODE_ERRORS, isolate
@@ -44,7 +44,7 @@ def decide(record: ConsumerRecord[bytes, bytes]) -> ChatRequest | InvalidRecord:
     InvalidRecord (with its reason) that sends it to the DLQ. Never raises: an unexpected error
     of the parser is a DLQ reason too, not the end of the consumer (tests/security fuzz it)."""
     try:
-        return parse_request(record.value, headers=record.headers)
+        return parse_request_record(record.value, record.timestamp, record.headers)
     except InvalidRecord as e:
         return e
     except Exception as e:
@@ -216,22 +216,50 @@ class Worker:
     async def _observe(self, works: list[Work]) -> None:
         """Make consumed requests visible as `queued` (a request produced straight to Kafka has
         no state yet), so SSE readers and cancels find them while they wait in a lane."""
-        now = rfc3339(utcnow())
         for attempt in range(50):
             try:
                 async with self.state.redis.pipeline(transaction=False) as pipe:
                     for w in works:
                         r = w.request
                         await self.state.observe(
-                            pipe, r.message_id, r.session_id, r.user_id, now, r.message
+                            pipe,
+                            r.message_id,
+                            r.session_id,
+                            r.user_id,
+                            rfc3339(r.created_at),
+                            r.message,
+                            reject_if_busy=r.if_busy == "reject",
                         )
-                    await pipe.execute()
+                    answers = await pipe.execute()
+                for w, answer in zip(works, answers, strict=True):
+                    await self._if_busy(w, answer.decode() if isinstance(answer, bytes) else answer)
                 return
             except RedisError as e:
                 log.warning(
                     "redis unavailable while taking records (attempt %d): %s", attempt + 1, e
                 )
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+
+    async def _if_busy(self, work: Work, observed: str) -> None:
+        """A request produced straight to Kafka with `if_busy` (the api decides its own at
+        accept): `reject` in a busy session is refused (its handler ends it failed);
+        `interrupt` cancels every message of the session created before it first."""
+        r = work.request
+        if observed.startswith("busy:"):
+            busy = observed.removeprefix("busy:")
+            work.refused = f"busy: session {r.session_id} is busy with message {busy}"
+        elif r.if_busy == "interrupt" and observed == "queued":
+            enforce = self.settings.ownership_enforced
+            stopped = await self.state.stop_session(
+                r.session_id, rfc3339(r.created_at), r.user_id, enforce
+            )
+            log.info(
+                "if_busy interrupt: %s",
+                "refused (not the session's owner)"
+                if stopped is None
+                else f"{len(stopped)} stopped",
+                extra={"message_id": r.message_id, "session_id": r.session_id},
+            )
 
     def _backpressure(self) -> None:
         size = len(self.lanes)
@@ -253,7 +281,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                await self.handler.handle(work.request, work.traceparent)
+                await self.handler.handle(work.request, work.traceparent, refused=work.refused)
                 return
             except (RedisError, Retry) as e:
                 if self._stopping.is_set():

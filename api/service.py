@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -19,13 +21,14 @@ from chatpipe.clients import ProducerHandle
 from chatpipe.codec import headers_for
 from chatpipe.errors import ChatpipeError, Unavailable
 from chatpipe.history import SessionMessages, page
-from chatpipe.keys import cancel_record_key
+from chatpipe.keys import cancel_record_key, session_cancel_record_key
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import (
     CancelBody,
     ChatBody,
     ChatCancel,
     ChatRequest,
+    ChatSessionCancel,
     SessionCancelled,
     SessionDeleted,
     rfc3339,
@@ -36,6 +39,8 @@ from chatpipe.state import State
 from chatpipe.tracing import Tracing
 
 log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, bytes, bytes]  # a stream entry for a reader: SSE id, event, JSON data
 T = TypeVar("T")
 
 CANCEL_MESSAGES = {
@@ -134,8 +139,8 @@ class ChatService:
             messages=body.messages,
             options=body.options,
         )
-        if body.if_busy == "interrupt":  # everything open in the session stops first
-            await self.cancel_session(body.session_id, caller)
+        if body.if_busy == "interrupt":  # everything of the session before this one stops
+            await self.cancel_session(body.session_id, caller, before=request.created_at)
         answer = await self._bounded(
             "redis",
             self.state.accept(
@@ -238,12 +243,24 @@ class ChatService:
         return answer
 
     async def cancel_session(
-        self, session_id: str, caller: Principal | None = None
+        self, session_id: str, caller: Principal | None = None, before: datetime | None = None
     ) -> SessionCancelled:
-        """Cancel every queued and streaming message of the session (each as `cancel` does:
-        its flag, the streamer woken, its record on chat.cancels)."""
+        """Cancel every message of the session created before `before` (now when None): the
+        queued and streaming ones Redis knows each as `cancel` does (its flag, the streamer
+        woken, its record on chat.cancels), and those still only in Kafka by the session's
+        cancel time (they end cancelled when a consumer reaches them), which a
+        `chat.session_cancel` record on chat.cancels also carries."""
         await self._own_session(session_id, caller, "api_cancel")
-        open_ = await self._bounded("redis", self.state.open_messages(session_id))
+        user_id = caller.user_id if caller is not None else None
+        record = ChatSessionCancel(session_id=session_id, user_id=user_id)
+        if before is not None:
+            record.requested_at = before
+        until = rfc3339(record.requested_at)
+        await self._bounded(
+            "redis",
+            self.state.cancel_session_before(session_id, until, user_id, self._enforce(caller)),
+        )
+        open_ = await self._bounded("redis", self.state.open_messages(session_id, until))
         cancelled: list[str] = []
         ended: list[str] = []
         for message_id, _ in open_:
@@ -251,6 +268,18 @@ class ChatService:
                 CancelBody(session_id=session_id, message_id=message_id), caller
             )
             (cancelled if answer == "cancelled" else ended).append(message_id)
+        try:
+            await self._bounded(
+                "kafka",
+                self.producer.get().send_and_wait(
+                    self.settings.cancels_topic,
+                    record.to_json(),
+                    key=session_cancel_record_key(session_id).encode(),
+                    headers=headers_for(record.type),
+                ),
+            )
+        except Unavailable as e:  # Redis has the session's cancel time: claims see it
+            log.warning("session cancel not published: %s", e, extra={"session_id": session_id})
         log.info(
             "session cancelled: %d stopped, %d had ended",
             len(cancelled),
@@ -275,11 +304,10 @@ class ChatService:
         )
         await self._bounded("redis", self.state.forget_session(session_id, ids))
         producer = self.producer.get()
+        keys = [cancel_record_key(session_id, m) for m in ids]
+        keys.append(session_cancel_record_key(session_id))
         sent = [
-            await producer.send(
-                self.settings.cancels_topic, None, key=cancel_record_key(session_id, m).encode()
-            )
-            for m in ids
+            await producer.send(self.settings.cancels_topic, None, key=key.encode()) for key in keys
         ]
         await self._bounded("kafka", asyncio.gather(*sent))
         log.info(
@@ -355,26 +383,40 @@ class ChatService:
         the caller's, take a stream slot (limits), then return the iterator of its SSE events
         after `last_event_id` and the slot (released when the response ends). A `slot` taken
         beforehand (`take_slot`) is used instead, and released on failure too."""
+        # absent or blank (an EventSource whose last event had no id): from the start
         try:
-            return await self._open_stream(message_id, last_event_id, caller, slot)
+            after = (
+                parse_client_id(last_event_id.strip())
+                if last_event_id and last_event_id.strip()
+                else (0, 0)
+            )
+            sub, slot = await self._subscribe(message_id, after, caller, slot)
         except BaseException:
             if slot is not None:
                 await slot.release()
             raise
+        return self._events(sub, slot), slot
 
-    async def _open_stream(
+    async def open_entries(
+        self, message_id: str, caller: Principal | None = None, slot: Slot | None = None
+    ) -> tuple[AsyncGenerator[list[Entry], None], Slot]:
+        """`open_stream` from the start, as entries (`entries`) instead of SSE text: for the
+        OpenAI-compatible routes, which write events of their own."""
+        try:
+            sub, slot = await self._subscribe(message_id, (0, 0), caller, slot)
+        except BaseException:
+            if slot is not None:
+                await slot.release()
+            raise
+        return self.entries(sub, slot), slot
+
+    async def _subscribe(
         self,
         message_id: str,
-        last_event_id: str | None,
+        after: tuple[int, int],
         caller: Principal | None,
         slot: Slot | None,
-    ) -> tuple[AsyncIterator[bytes], Slot]:
-        # absent or blank (an EventSource whose last event had no id): from the start
-        after = (
-            parse_client_id(last_event_id.strip())
-            if last_event_id and last_event_id.strip()
-            else (0, 0)
-        )
+    ) -> tuple[Any, Slot]:
         if not await self._bounded("redis", self._wait_exists(message_id)):
             raise NotFound(f"no message {message_id}")
         if caller is not None and self._enforce(caller):
@@ -392,7 +434,7 @@ class ChatService:
         except BaseException:
             await slot.release()
             raise
-        return self._events(sub, slot), slot
+        return sub, slot
 
     async def _wait_exists(self, message_id: str) -> bool:
         loop = asyncio.get_running_loop()
@@ -408,9 +450,20 @@ class ChatService:
         """The SSE text of the message's events, encoded here once (`id`, `event`, `data`, as
         sse-starlette writes them). Everything already queued for this client leaves as one
         piece, so a client that fell behind catches up with one write, not one per event."""
+        async with contextlib.aclosing(self.entries(sub, slot)) as batches:  # closed with us
+            async for batch in batches:
+                yield b"".join(
+                    b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n" % (entry_id, event, data)
+                    for entry_id, event, data in batch
+                )
+
+    async def entries(self, sub: Any, slot: Slot) -> AsyncGenerator[list[Entry], None]:
+        """The message's events after the subscription's cursor, in batches of what is there
+        (entry id, event, JSON data), up to and with `done`; `started` is left out (SSE readers
+        see chunk, restart, done). The subscription and `slot` are released however it ends."""
         self.metrics.sse_clients.inc()
         last = sub.after
-        counters: dict[str, Any] = {}  # event -> its metric child (labels() once per client)
+        counters: dict[bytes, Any] = {}  # event -> its metric child (labels() once per client)
         try:
             pending = collections.deque(sub.backlog)
             ended = False
@@ -432,29 +485,26 @@ class ChatService:
                         ended = True  # the hub stopped: send what came before, then end
                         break
                     pending.append(more)
-                out: list[bytes] = []
+                out: list[Entry] = []
                 while pending:
                     entry_id, fields = pending.popleft()
                     sid = parse_id(entry_id)
                     if sid <= last:
                         continue
                     last = sid
-                    event = fields.get(b"e", b"").decode()
-                    if event == "started":
+                    event = fields.get(b"e", b"")
+                    if event == b"started":
                         continue  # on chat.responses only; SSE readers see chunk/restart/done
                     counter = counters.get(event)
                     if counter is None:
-                        counter = counters[event] = self.metrics.sse_events.labels(event)
+                        counter = counters[event] = self.metrics.sse_events.labels(event.decode())
                     counter.inc()
-                    out.append(
-                        b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n"
-                        % (entry_id.encode(), event.encode(), fields.get(b"d", b"{}"))
-                    )
-                    if event == "done":
+                    out.append((entry_id.encode(), event, fields.get(b"d", b"{}")))
+                    if event == b"done":
                         ended = True
                         break
                 if out:
-                    yield b"".join(out)
+                    yield out
         finally:
             self.metrics.sse_clients.dec()
             self.hub.unsubscribe(sub)

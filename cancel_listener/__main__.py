@@ -44,6 +44,7 @@ async def serve(settings: Settings) -> None:
                 max_age_s=settings.cancel_record_max_age_s,
                 interval_s=settings.cancel_sweep_interval_s,
                 grace_s=settings.cancel_sweep_grace_s,
+                session_ttl_s=settings.cancel_queued_ttl_s,
             )
         listener = CancelListener(
             settings, consumer, redis, state, metrics, producer, sweeper=sweeper

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
@@ -23,7 +24,7 @@ from cancel_listener.sweeper import CancelSweeper, Seen
 from chatpipe.codec import parse_cancel
 from chatpipe.errors import InvalidRecord
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import ChatCancel
+from chatpipe.schemas import ChatCancel, ChatSessionCancel, rfc3339
 from chatpipe.settings import Settings
 from chatpipe.state import State
 from chatpipe.unreadable import DECODE_ERRORS, isolate
@@ -214,12 +215,40 @@ class CancelListener:
                     await self.sweeper.unreadable(r.key)
                 continue
             cancels.append(Seen(r.key or b"", r.timestamp, cancel))
-            if self.on_cancel is not None and not self.settings.ownership_enforced:
-                self.on_cancel(cancel)  # at once; with ownership enforced, after the check
+            on_cancel = None if self.settings.ownership_enforced else self.on_cancel
+            if on_cancel is not None and isinstance(cancel, ChatCancel):
+                on_cancel(cancel)  # at once; with ownership enforced, after the check
         allowed = await self._mirror_live(cancels)
         if self.on_cancel is not None and self.settings.ownership_enforced:
             for cancel in allowed:
                 self.on_cancel(cancel)
+
+    async def _mirror_session(self, one: Seen, c: ChatSessionCancel, source: str) -> None:
+        ids = {"session_id": c.session_id}
+        enforce = self.settings.ownership_enforced
+        # a record without requested_at was requested when its producer sent it (not when it
+        # is read: a replay must not cancel the messages sent after it)
+        at = c.requested_at
+        if "requested_at" not in c.model_fields_set:
+            at = datetime.fromtimestamp(one.timestamp_ms / 1000, UTC)
+        stopped = await self.state.stop_session(c.session_id, rfc3339(at), c.user_id, enforce)
+        self.metrics.cancels_seen.labels(source).inc()
+        if self.sweeper is not None:
+            await self.sweeper.observed(one, -1 if stopped is None else 1)
+        if stopped is None:
+            self.metrics.cancels_mirrored.labels("forbidden").inc()
+            self.metrics.forbidden.labels("kafka_cancel").inc()
+            log.warning(
+                "session cancel from a user who does not own the session ignored", extra=ids
+            )
+            return
+        self.metrics.cancels_mirrored.labels("session").inc()
+        if source == "live":
+            log.info(
+                "session cancel mirrored into Redis: %d open messages flagged",
+                len(stopped),
+                extra=ids,
+            )
 
     async def _mirror_live(self, cancels: list[Seen]) -> list[ChatCancel]:
         """`_mirror` for a live batch, retried until Redis takes it: its records are consumed
@@ -236,12 +265,18 @@ class CancelListener:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _mirror(self, seen: list[Seen], source: str) -> list[ChatCancel]:
+    async def _mirror(self, records: list[Seen], source: str) -> list[ChatCancel]:
         """Mirror the cancels into their Redis flags; returns those not refused for ownership
-        (a refused one, from a user who did not send the message, is ignored and counted)."""
+        (a refused one, from a user who did not send the message, is ignored and counted).
+        A session-wide cancel marks its session and flags its open messages (State.stop_session);
+        its local streams stop at their next chunk, on the flag."""
+        seen = [s for s in records if isinstance(s.cancel, ChatCancel)]
+        for one in records:
+            if isinstance(one.cancel, ChatSessionCancel):
+                await self._mirror_session(one, one.cancel, source)
         if not seen:
             return []
-        cancels = [s.cancel for s in seen]
+        cancels = [s.cancel for s in seen if isinstance(s.cancel, ChatCancel)]
         self.metrics.cancels_seen.labels(source).inc(len(cancels))
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in cancels:

@@ -35,9 +35,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from chatpipe.keys import cancel_record_key
+from chatpipe.keys import cancel_record_key, session_cancel_record_key
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import ChatCancel
+from chatpipe.schemas import CancelRecord, ChatSessionCancel
 from chatpipe.state import FINAL_STATES, State
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Seen:
 
     key: bytes
     timestamp_ms: int
-    cancel: ChatCancel
+    cancel: CancelRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,7 @@ class CancelSweeper:
         interval_s: float,
         grace_s: float = 120.0,
         remember: int = 100_000,
+        session_ttl_s: float = 3600.0,
     ) -> None:
         self.state = state
         self._send = send  # enqueues the tombstone of one key on a producer
@@ -79,14 +80,23 @@ class CancelSweeper:
         self.grace_s = grace_s
         self._remember = remember
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        # session-wide cancels: key -> record timestamp (ms); tombstoned after session_ttl_s
+        self.session_ttl_s = session_ttl_s
+        self._sessions: OrderedDict[bytes, int] = OrderedDict()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     async def observed(self, seen: Seen, mirrored: int) -> None:
-        """One record mirrored: 1 flag set, 0 the message is final, -1 another user's."""
+        """One record mirrored: 1 flag set, 0 the message is final, -1 another user's. A
+        session-wide cancel is kept as long as its Redis mark (CANCEL_QUEUED_TTL_S): it
+        stands for the messages of the session still to come out of Kafka; then it is
+        tombstoned ("session_done")."""
         c = seen.cancel
+        if isinstance(c, ChatSessionCancel):
+            await self._observed_session(seen, c, mirrored)
+            return
         if seen.key != cancel_record_key(c.session_id, c.message_id).encode():
             self.metrics.cancel_tombstones.labels("noncanonical_key_kept").inc()
             return
@@ -100,23 +110,43 @@ class CancelSweeper:
             # forgotten here, not in the topic: the next replay (a listener start) finds it
             self._pending.popitem(last=False)
 
+    async def _observed_session(self, seen: Seen, c: ChatSessionCancel, mirrored: int) -> None:
+        if seen.key != session_cancel_record_key(c.session_id).encode():
+            self.metrics.cancel_tombstones.labels("noncanonical_key_kept").inc()
+            return
+        if mirrored < 0:
+            self._sessions.pop(seen.key, None)
+            await self._tombstone(seen.key, "forbidden")
+            return
+        self._sessions[seen.key] = seen.timestamp_ms
+        self._sessions.move_to_end(seen.key)
+        while len(self._sessions) > self._remember:
+            self._sessions.popitem(last=False)
+
     def tombstone_seen(self, key: bytes) -> None:
         """The listener read a tombstone of `key` (a streamer's, or ours): nothing left to do."""
         self._pending.pop(key, None)
+        self._sessions.pop(key, None)
 
     async def unreadable(self, key: bytes) -> None:
         """A record under `key` that is not a cancel: it can never do anything, tombstone it."""
         self._pending.pop(key, None)
+        self._sessions.pop(key, None)
         await self._tombstone(key, "unreadable")
 
     async def sweep(self, now_ms: int | None = None) -> int:
         """Look the pending keys up once; tombstone those done. Returns how many."""
-        if not self._pending:
-            return 0
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        done = 0
+        for key, timestamp_ms in list(self._sessions.items()):
+            if now_ms - timestamp_ms > self.session_ttl_s * 1000:
+                del self._sessions[key]
+                await self._tombstone(key, "session_done")
+                done += 1
+        if not self._pending:
+            return done
         items = list(self._pending.items())
         states = await self.state.states([p.message_id for _, p in items])
-        done = 0
         for (key, p), state in zip(items, states, strict=True):
             age_ms = now_ms - p.timestamp_ms
             if state == "cancelled":  # its streamer tombstones it; we do if it did not

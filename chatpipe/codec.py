@@ -16,7 +16,14 @@ import orjson
 from pydantic import ValidationError
 
 from chatpipe.errors import InvalidRecord
-from chatpipe.schemas import ChatCancel, ChatRequest, ContractModel, rfc3339
+from chatpipe.schemas import (
+    CancelRecord,
+    ChatCancel,
+    ChatRequest,
+    ChatSessionCancel,
+    ContractModel,
+    rfc3339,
+)
 
 Headers = Sequence[tuple[str, bytes]]
 M = TypeVar("M", bound=ContractModel)
@@ -128,8 +135,30 @@ def parse_request(
     return parse(ChatRequest, value, max_bytes)
 
 
-def parse_cancel(value: bytes | None) -> ChatCancel:
+def parse_cancel(value: bytes | None) -> CancelRecord:
+    """A record of chat.cancels: a `chat.session_cancel` (contract 1.4.0), else a
+    `chat.cancel` (whose `type` may be omitted), or InvalidRecord."""
+    if value is not None and SESSION_CANCEL_TYPE in value:
+        try:
+            return parse(ChatSessionCancel, value)
+        except InvalidRecord:
+            pass  # the text is elsewhere in the value (a reason): read it as a cancel
     return parse(ChatCancel, value)
+
+
+SESSION_CANCEL_TYPE = b'"chat.session_cancel"'
+
+
+def parse_request_record(
+    value: bytes | None, timestamp_ms: int | None, headers: Headers | None = None
+) -> ChatRequest:
+    """`parse_request` for a record read from Kafka: a request without `created_at` (a
+    producer that does not set it) was created when its producer sent it, the record's
+    timestamp (so a session cancel sent after it, and not before, stops it)."""
+    request = parse_request(value, headers=headers)
+    if timestamp_ms is not None and "created_at" not in request.model_fields_set:
+        request.created_at = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    return request
 
 
 def dumps(obj: object) -> bytes:

@@ -46,6 +46,7 @@ from chatpipe.schemas import (
     ChatFailed,
     ChatOptions,
     ChatRequest,
+    ChatSessionCancel,
     ChatStarted,
     ContractModel,
     Usage,
@@ -64,7 +65,8 @@ KAFKA_BINDING_VERSION = "0.5.0"
 # 1.2.0: each id in a cancel's key (and its Redis flag) has `%` and `:` escaped (chatpipe.keys)
 # 1.3.0: `chat.request` may carry `messages` (the whole conversation, sent upstream as given);
 #        `message` is then optional (the last user entry); records chatpipe writes unchanged
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.3.0"
+# 1.4.0: `chat.session_cancel` on chat.cancels (stop a whole session), `if_busy` on a request
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.4.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"
@@ -74,6 +76,7 @@ TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 # a cancel's key is `{session_id}:{message_id}`, each id with `%` and `:` escaped (`%25`, `%3A`)
 _KEY_PART = r"(?:[A-Za-z0-9_.@-]|%3A|%25){1,384}"
 CANCEL_KEY_PATTERN = rf"^{_KEY_PART}:{_KEY_PART}$"
+SESSION_CANCEL_KEY_PATTERN = rf"^{_KEY_PART}$"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,21 @@ MESSAGES: tuple[Message, ...] = (
         "compacted topic, tombstoned (null value, same key) "
         "once the message is final. Every cancel listener reads every partition. A cancel that "
         "arrives before the request is consumed means the answer never starts.",
+    ),
+    Message(
+        "chat.session_cancel",
+        ChatSessionCancel,
+        "input",
+        keys.CANCELS,
+        "chatSessionCancel",
+        "Stop every message of a session (since 1.4.0).",
+        "Written by the api (`POST /api/sessions/{id}/cancel`, `DELETE /api/sessions/{id}`, "
+        '`if_busy: interrupt`) and by other producers (a Spring frontend\'s "stop all"); key '
+        "`{session_id}` (`%` written `%25` and `:` written `%3A`), so it never shares a key "
+        "with a message's cancel. Every message of the session created before `requested_at` "
+        "(absent: the record's timestamp) is cancelled: the streaming ones stop, the queued "
+        "ones never start, also those still only in Kafka. Later messages run as usual. "
+        "chatpipe tombstones it once CANCEL_QUEUED_TTL_S has passed.",
     ),
     Message(
         "chat.started",
@@ -386,6 +404,18 @@ def examples(message: Message) -> list[tuple[str, Json]]:
                 },
             ),
         ]
+    if message.name == "chat.session_cancel":
+        session = {"session_id": ids["session_id"]}
+        return [
+            (
+                "as the api writes it",
+                _dump(ChatSessionCancel(**session, requested_at=EXAMPLE_AT)),
+            ),
+            (
+                "as a Spring frontend's \"stop all\" (no requestedAt: the record's timestamp)",
+                {"type": "chat.session_cancel", "sessionId": java_ids["sessionId"]},
+            ),
+        ]
     if message.name == "chat.cancel":
         return [
             ("as the api writes it", _dump(ChatCancel(**ids, requested_at=EXAMPLE_AT))),
@@ -493,6 +523,12 @@ def _example_headers(message: Message, spring: bool) -> dict[str, str]:
 
 def _message(message: Message) -> Json:
     key: Json = {"type": "string", "pattern": ID_PATTERN, "description": "session_id"}
+    if message.name == "chat.session_cancel":
+        key = {
+            "type": "string",
+            "pattern": SESSION_CANCEL_KEY_PATTERN,
+            "description": "`{session_id}`, `%` written `%25` and `:` written `%3A`",
+        }
     if message.name == "chat.cancel":
         key = {
             "type": "string",
@@ -511,7 +547,7 @@ def _message(message: Message) -> Json:
                 "payload": payload,
             }
         )
-    return {
+    out: Json = {
         "name": message.name,
         "title": message.name,
         "summary": message.summary,
@@ -522,10 +558,12 @@ def _message(message: Message) -> Json:
             "schemaFormat": PAYLOAD_SCHEMA_FORMAT,
             "schema": {"$ref": f"./{message.file}"},
         },
-        "correlationId": _ref("components", "correlationIds", "messageId"),
         "bindings": {"kafka": {"key": key, "bindingVersion": KAFKA_BINDING_VERSION}},
         "examples": msg_examples,
     }
+    if "message_id" in message.model.model_fields:  # a session-wide cancel names no message
+        out["correlationId"] = _ref("components", "correlationIds", "messageId")
+    return out
 
 
 def _tombstone() -> Json:
@@ -633,7 +671,7 @@ _CHANNELS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         keys.CANCELS,
         "Cancels, compacted: one live record per message until its tombstone. Read from every "
         "partition by every cancel listener (broadcast, no consumer group), replayed on start.",
-        ("chatCancel", "chatCancelTombstone"),
+        ("chatCancel", "chatSessionCancel", "chatCancelTombstone"),
     ),
     (
         "chatResponses",

@@ -36,6 +36,12 @@ def cancel_record_key(session_id: str, message_id: str) -> str:
     return f"{part(session_id)}:{part(message_id)}"
 
 
+def session_cancel_record_key(session_id: str) -> str:
+    """Key of a session-wide cancel on the cancels topic: the escaped session id alone (a
+    message's cancel key always holds one unescaped `:`, this one none)."""
+    return part(session_id)
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = ""
@@ -72,6 +78,11 @@ class Keys:
         """Pub/Sub channel: the api announces each accepted cancel so the ai_consumer that
         streams the message interrupts it at once (a wake-up only: Kafka and the flag carry it)."""
         return f"{self.prefix}chat:cancel-wakeup"
+
+    def session_cancelled(self, session_id: str) -> str:
+        """RFC 3339 time: every message of the session created before it is cancelled (a
+        session-wide cancel; contract 1.4.0). The latest such time is kept."""
+        return f"{self.prefix}chat:session-cancel:{session_id}"
 
     def open_messages(self, session_id: str) -> str:
         """Set: the session's queued and streaming message ids (session-wide cancel, if_busy)."""

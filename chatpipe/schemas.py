@@ -84,20 +84,28 @@ class ChatMessage(InputModel):
     content: str
 
 
-def last_user_text(messages: list[ChatMessage] | None) -> str | None:
-    """The text of the last user entry of `messages` (None: there is none)."""
-    for m in reversed(messages or []):
-        if m.role == "user" and m.content:
-            return m.content
-    return None
+def message_from_messages(data: Any) -> Any:
+    """Before validation: a body without `message` but with `messages` takes the last user
+    entry's text as its `message` (when there is none, `message` is reported missing)."""
+    if (
+        isinstance(data, dict)
+        and not data.get("message")
+        and isinstance(data.get("messages"), list)
+    ):
+        for entry in reversed(data["messages"]):
+            fields = entry.model_dump() if isinstance(entry, BaseModel) else entry
+            if isinstance(fields, dict) and fields.get("role") == "user":
+                content = fields.get("content")
+                if isinstance(content, str) and content:
+                    return {**data, "message": content}
+                break
+    return data
 
 
-def required_message(message: str, messages: list[ChatMessage] | None) -> str:
-    """`message`, or the last user entry of `messages` when it is left out."""
-    text = message or last_user_text(messages)
-    if not text:
-        raise ValueError("message is required (or messages ending with a user entry)")
-    return text
+def message_or_messages(schema: dict[str, Any]) -> None:
+    """JSON Schema: `message` is required unless `messages` is given."""
+    schema["required"] = [f for f in schema.get("required", []) if f != "message"]
+    schema["anyOf"] = [{"required": ["message"]}, {"required": ["messages"]}]
 
 
 class ChatRequest(InputModel):
@@ -113,12 +121,9 @@ class ChatRequest(InputModel):
     message_id: Id
     session_id: Id
     user_id: Id | None = None
-    model_config = ConfigDict(
-        json_schema_extra={"anyOf": [{"required": ["message"]}, {"required": ["messages"]}]}
-    )
+    model_config = ConfigDict(json_schema_extra=message_or_messages)
 
     message: str = Field(
-        default="",
         min_length=1,
         description="the user's text; required unless `messages` ends with a user entry",
     )
@@ -130,13 +135,17 @@ class ChatRequest(InputModel):
         max_length=MAX_MESSAGES,
         description="the whole conversation, sent upstream as given (since 1.3.0)",
     )
+    if_busy: Literal["enqueue", "interrupt", "reject"] | None = Field(
+        default=None,
+        description="when the session has a queued or streaming message (since 1.4.0): "
+        "enqueue (absent: the default) runs this one after it; interrupt cancels every message "
+        "of the session created before this one, then runs it; reject ends this one `failed` "
+        "with reason `busy: <message_id>` (nothing else changes)",
+    )
 
     _created_at_aware = field_validator("created_at", mode="before")(_aware)
 
-    @model_validator(mode="after")
-    def _message_or_messages(self) -> ChatRequest:
-        self.message = required_message(self.message, self.messages)
-        return self
+    _message = model_validator(mode="before")(message_from_messages)
 
 
 class ChatCancel(InputModel):
@@ -151,6 +160,27 @@ class ChatCancel(InputModel):
     reason: str | None = Field(default=None, max_length=500)
 
     _requested_at_aware = field_validator("requested_at", mode="before")(_aware)
+
+
+class ChatSessionCancel(InputModel):
+    """`chat.session_cancel` on chat.cancels, key = `{session_id}` (escaped as in a cancel's
+    key, chatpipe.keys.part): stops every message of the session created before
+    `requested_at`, queued (also those still only in Kafka: they never start) or streaming.
+    Messages created later run as usual (contract 1.4.0)."""
+
+    schema_version: Literal[1] = 1
+    type: Literal["chat.session_cancel"] = "chat.session_cancel"
+    session_id: Id
+    user_id: Id | None = None
+    requested_at: AwareDatetime = Field(default_factory=utcnow)
+    reason: str | None = Field(default=None, max_length=500)
+
+    _requested_at_aware = field_validator("requested_at", mode="before")(_aware)
+
+
+CancelRecord = ChatCancel | ChatSessionCancel
+
+IfBusy = Literal["enqueue", "interrupt", "reject"]
 
 
 class Usage(ContractModel):
@@ -212,10 +242,12 @@ TERMINAL_TYPES = {
 class ChatBody(ContractModel):
     """Body of `POST /api/chat` and `POST /api/chat/stream`."""
 
+    model_config = ConfigDict(json_schema_extra=message_or_messages)
+
     session_id: Id
     message: str = Field(
-        default="",
-        description="the user's text; required unless `messages` ends with a user entry",
+        min_length=1,
+        description="the user's text; may be left out when `messages` ends with a user entry",
     )
     messages: list[ChatMessage] | None = Field(
         default=None,
@@ -227,17 +259,14 @@ class ChatBody(ContractModel):
     user_id: Id | None = None
     message_id: Id | None = Field(default=None, description="chosen by the server when absent")
     options: ChatOptions | None = None
-    if_busy: Literal["enqueue", "interrupt", "reject"] = Field(
+    if_busy: IfBusy = Field(
         default="enqueue",
         description="when the session has a queued or streaming message: enqueue this one "
         "behind it, interrupt (cancel everything open in the session, then run this one), or "
         "reject (409 naming the busy message, nothing queued)",
     )
 
-    @model_validator(mode="after")
-    def _message_or_messages(self) -> ChatBody:
-        self.message = required_message(self.message, self.messages)
-        return self
+    _message = model_validator(mode="before")(message_from_messages)
 
 
 class ChatAccepted(BaseModel):

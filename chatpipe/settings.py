@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr = SecretStr("")  # a secret: never in reprs or logs
     llm_timeout_s: float = 30.0
     llm_system_prompt: str = ""  # sent first, before the history chatpipe keeps
+    # the api's OpenAI-compatible routes (docs/openai.md): the model names `GET /v1/models`
+    # lists and `model` may name, comma-separated; empty: LLM_MODEL, else `chatpipe`
+    openai_models: str = ""
     sim_tokens: int = 60
     sim_token_delay_ms: float = 20.0
     sim_first_token_delay_ms: float = 0.0

@@ -42,6 +42,7 @@ FINISH = load_script("finish")
 PUBLISHED = load_script("published")
 REFRESH = load_script("refresh")
 LAPSED = load_script("lapsed")
+SESSION_CANCEL = load_script("session_cancel")
 
 
 def _s(value: Any) -> str:
@@ -89,6 +90,7 @@ class State:
         self._published = redis.register_script(PUBLISHED)
         self._withdraw = redis.register_script(WITHDRAW)
         self._lapsed = redis.register_script(LAPSED)
+        self._session_cancel = redis.register_script(SESSION_CANCEL)
 
     # --- api ---------------------------------------------------------------------------
     async def accept(
@@ -148,9 +150,12 @@ class State:
         args: list[Arg] = [self.settings.msg_ttl_s, message_id]
         return bool(await self._withdraw(keys=keys, args=args))
 
-    async def open_messages(self, session_id: str) -> list[tuple[str, str]]:
-        """The session's queued and streaming messages (id, state), oldest first by creation;
-        members whose message ended or is gone are dropped from the set."""
+    async def open_messages(
+        self, session_id: str, before: str | None = None
+    ) -> list[tuple[str, str]]:
+        """The session's queued and streaming messages (id, state), oldest first by creation
+        (only those created before `before`, an RFC 3339 time, when given); members whose
+        message ended or is gone are dropped from the set."""
         key = self.keys.open_messages(session_id)
         ids = sorted(_s(m) for m in await self.redis.smembers(key))
         if not ids:
@@ -162,12 +167,44 @@ class State:
         live, gone = [], []
         for m, (state, created) in zip(ids, found, strict=True):
             if state in (b"queued", b"streaming"):
-                live.append((_s(created or b""), m, _s(state)))
+                if before is None or _s(created or b"") < before:
+                    live.append((_s(created or b""), m, _s(state)))
             else:
                 gone.append(m)
         if gone:
             await self.redis.srem(key, *gone)
         return [(m, state) for _, m, state in sorted(live)]
+
+    async def cancel_session_before(
+        self, session_id: str, before: str, user_id: str | None, enforce: bool
+    ) -> bool:
+        """Every message of the session created before `before` (RFC 3339) is cancelled when a
+        consumer claims it (session_cancel.lua); the caller flags the open ones. False:
+        `enforce` and the session is another user's (nothing changed)."""
+        k = self.keys
+        keys = [k.session_cancelled(session_id), k.owner(session_id)]
+        ttl = self.settings.cancel_queued_ttl_s
+        args: list[Arg] = [before, ttl, int(enforce), user_id or ""]
+        return int(await self._session_cancel(keys=keys, args=args)) > 0
+
+    async def stop_session(
+        self, session_id: str, before: str, user_id: str | None, enforce: bool
+    ) -> list[str] | None:
+        """A session-wide cancel read from Kafka (or a request's `if_busy: interrupt`): every
+        message of the session created before `before` is cancelled, the open ones flagged
+        (each as a cancel record would: their streams stop at the next chunk), the others when
+        a consumer claims them. Returns the ids flagged, or None when `enforce` and the session
+        is another user's (nothing changed)."""
+        if not await self.cancel_session_before(session_id, before, user_id, enforce):
+            return None
+        open_ = await self.open_messages(session_id, before)
+        if not open_:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message_id, _ in open_:
+                await self.mirror_cancel(pipe, session_id, message_id, user_id)
+            results = await pipe.execute()
+        return [m for (m, _), r in zip(open_, results, strict=True) if int(r) > 0]
 
     async def cancel(
         self, session_id: str, message_id: str, user_id: str | None = None, enforce: bool = False
@@ -247,7 +284,7 @@ class State:
         keys there were. The caller stopped the messages first."""
         k = self.keys
         names = [k.history(session_id), k.open_messages(session_id)]
-        names += [k.active(session_id), k.owner(session_id)]
+        names += [k.active(session_id), k.owner(session_id), k.session_cancelled(session_id)]
         for m in message_ids:
             names += [k.msg(m), k.stream(m), k.lease(m), k.cancel(session_id, m)]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -311,10 +348,13 @@ class State:
         user_id: str | None,
         now: str,
         message: str = "",
+        reject_if_busy: bool = False,
     ) -> None:
-        """Queue on `pipe`: record a consumed request as queued unless it has a state already."""
+        """Queue on `pipe`: record a consumed request as queued unless it has a state already
+        (its result: the state, or "busy:<id>" with `reject_if_busy` and an open message)."""
         ttl = self.settings.msg_ttl_s
         args: list[Arg] = [session_id, user_id or "", now, ttl, message_id, message]
+        args += ["reject" if reject_if_busy else "", self.keys.prefix]
         keys = [self.keys.msg(message_id), self.keys.open_messages(session_id)]
         await self._observe(keys=keys, args=args, client=pipe)
 
@@ -326,10 +366,12 @@ class State:
         instance_id: str,
         now: str,
         request: bytes = b"",
+        created: str = "",
     ) -> Claim:
         """Take the message for a run. `request`: its record value, kept in Redis while it
         runs, so another instance can take it over when the lease lapses (b"": keep what is
-        there)."""
+        there). `created`: the request's created_at (RFC 3339): one created before a session
+        cancel is cancelled ("" never is)."""
         k = self.keys
         keys = [
             k.msg(message_id),
@@ -339,6 +381,7 @@ class State:
             k.stream(message_id),
             k.owner(session_id),
             k.leases(),
+            k.session_cancelled(session_id),
         ]
         s = self.settings
         args: list[Arg] = [
@@ -353,6 +396,7 @@ class State:
             int(s.ownership_enforced),
             s.session_owner_ttl_s,
             request,
+            created,
         ]
         raw = await self._claim(keys=keys, args=args)
         outcome = _s(raw[0])

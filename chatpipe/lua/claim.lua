@@ -5,13 +5,17 @@
 -- request in the message hash (`request`): a surviving instance takes over a message whose
 -- lease lapsed from there, without waiting for Kafka's group to move the partition
 -- (ai_consumer/takeover.py). FINISH removes both.
--- KEYS msg lease cancel active stream owner leases
+-- A message created before the session's cancel time (session_cancel.lua; ARGV created: the
+-- request's created_at) is cancelled like one whose flag is set.
+-- KEYS msg lease cancel active stream owner leases session_cancelled
 -- ARGV instance lease_ms session user now msg_ttl active_ttl message_id enforce owner_ttl request
+--   created
 --   -> {'final', state} | {'owned', owner} | {'forbidden', why}
 --      | {'republish', state, final_seq, reason, chunks}
 --      | {'cancel', restart, next_seq, epoch} | {'start', restart, next_seq, epoch}
 local msg_key, lease_key, cancel_key, active_key, stream_key, owner_key, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local instance, lease_ms, session, user, now, msg_ttl, active_ttl, message_id, enforce, owner_ttl, request = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local session_cancelled_key, created = KEYS[8], ARGV[12]
 
 local state = redis.call('HGET', msg_key, 'state')
 if state == 'withdrawn' then return {'final', state} end
@@ -57,8 +61,11 @@ redis.call('EXPIRE', msg_key, msg_ttl)
 -- lease, woken after this claim) is refused from now on
 local epoch = redis.call('HINCRBY', msg_key, 'epoch', 1)
 if redis.call('EXISTS', stream_key) == 1 then redis.call('EXPIRE', stream_key, active_ttl) end
+local cancelled_before = redis.call('GET', session_cancelled_key)
 if redis.call('EXISTS', cancel_key) == 1
-   or redis.call('HGET', msg_key, 'cancel_requested') == '1' then
+   or redis.call('HGET', msg_key, 'cancel_requested') == '1'
+   or (cancelled_before and created ~= '' and created < cancelled_before) then
+  redis.call('HSET', msg_key, 'cancel_requested', '1')
   return {'cancel', restart, next_seq, epoch}
 end
 redis.call('HSET', msg_key, 'state', 'streaming', 'started', now)

@@ -315,6 +315,8 @@ async def test_another_users_session_cancel_or_interrupt_is_refused_and_changes_
     interrupt = {"session_id": session, "message": "mine now", "if_busy": "interrupt"}
     refused = await mallory[0].post("/api/chat", json=interrupt)
     assert refused.status_code == 403, refused.text
+    refused = await mallory[1].delete(f"/api/sessions/{session}")
+    assert refused.status_code == 403, refused.text
     async with SSEStream(alice[1], f"/api/chat/{accepted['message_id']}/stream") as stream:
         assert_whole_answer(await stream.until_done(within=30))  # untouched
     # the conversation is the owner's only: Mallory reads nothing of it, Alice all of it

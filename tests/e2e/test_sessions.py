@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import uuid
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
-from chatpipe.keys import Keys, cancel_record_key
+from chatpipe.keys import Keys, cancel_record_key, session_cancel_record_key
+from chatpipe.schemas import ChatSessionCancel
 from chatpipe.settings import Settings
 from tests.e2e.cluster import new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.faults.consumer_support import recorded
-from tests.e2e.records import latest_cancels
+from tests.e2e.records import foreign_producer, latest_cancels
 from tests.e2e.sse import SSEEvent, chunks, dones
 
 pytestmark = pytest.mark.e2e
@@ -159,3 +161,71 @@ async def test_delete_of_a_session_stops_it_then_leaves_nothing_of_it(
     async with a.stream(other) as stream:  # another session of the user: untouched
         assert status(await stream.until_done(within=30)) == "completed"
     assert (await a.client.delete(f"/api/sessions/{session}")).json()["removed"] == []
+
+
+async def test_a_kafka_session_cancel_stops_the_streaming_and_the_queued_ones(
+    apis: tuple[Api, Api], settings: Settings
+) -> None:
+    """The same as the api's session cancel, from a `chat.session_cancel` record alone (as a
+    Spring frontend sends "stop all")."""
+    a, _ = apis
+    session, neighbour = new_session(), new_session()
+    ids = [(await a.chat(session))["message_id"] for _ in range(4)]
+    other = (await a.chat(neighbour))["message_id"]
+    async with recorded(a.stream(m) for m in [*ids, other]) as streams:
+        await streams[0].wait_for(lambda evs: bool(chunks(evs)), within=20, what="a chunk")
+        record = ChatSessionCancel(session_id=session, reason="stop all")
+        async with foreign_producer(settings) as producer:
+            await producer.send_and_wait(
+                settings.cancels_topic,
+                record.to_json(),
+                key=session_cancel_record_key(session).encode(),
+            )
+        for s in streams:
+            await s.wait_done(within=30)
+    assert [status(s.events) for s in streams[:4]] == ["cancelled"] * 4
+    assert all(not chunks(s.events) for s in streams[1:4])
+    assert status(streams[4].events) == "completed"
+    assert len(chunks(streams[4].events)) == TOKENS
+    later = (await a.chat(session, max_tokens=2))["message_id"]  # sent after: runs
+    async with a.stream(later) as stream:
+        assert status(await stream.until_done(within=30)) == "completed"
+
+
+def kafka_request(session_id: str, if_busy: str) -> tuple[str, bytes]:
+    message_id = uuid.uuid4().hex
+    value = {"messageId": message_id, "sessionId": session_id, "message": "and?", "ifBusy": if_busy}
+    return message_id, orjson.dumps(value)
+
+
+async def test_if_busy_from_kafka_interrupts_or_is_refused(
+    apis: tuple[Api, Api], settings: Settings
+) -> None:
+    """`if_busy` on a request produced straight to Kafka: `reject` in a busy session ends it
+    failed with the busy id as its reason (the open one goes on); `interrupt` cancels what is
+    open and runs."""
+    a, b = apis
+    session = new_session()
+    first = (await a.chat(session))["message_id"]
+    queued = (await a.chat(session))["message_id"]
+    refused, refused_value = kafka_request(session, "reject")
+    interrupting, interrupt_value = kafka_request(session, "interrupt")
+    async with recorded([a.stream(first), a.stream(queued)]) as streams:
+        await streams[0].wait_for(lambda evs: bool(chunks(evs)), within=20, what="a chunk")
+        async with foreign_producer(settings) as producer:
+            key = session.encode()
+            await producer.send_and_wait(settings.requests_topic, refused_value, key=key)
+            async with b.stream(refused, open_timeout=20) as stream:
+                events = await stream.until_done(within=30)
+            done = dones(events)[-1].json()
+            assert (done["status"], chunks(events)) == ("failed", [])
+            assert done["reason"].rsplit(" ", 1)[-1] in (first, queued)  # names a busy one
+            assert streams[0].events[-1].event != "done"  # the open one goes on
+            await producer.send_and_wait(settings.requests_topic, interrupt_value, key=key)
+        async with b.stream(interrupting, open_timeout=20) as stream:
+            events = await stream.until_done(within=30)
+        for s in streams:
+            await s.wait_done(within=30)
+    assert [status(s.events) for s in streams] == ["cancelled", "cancelled"]
+    assert status(events) == "completed"
+    assert len(chunks(events)) == TOKENS

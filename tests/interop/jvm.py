@@ -47,16 +47,17 @@ class Java:
         return ["java", "-cp", str(self.jar), main, *args]
 
     def produce(
-        self, command: str, session_id: str, message_id: str, *extra: str, jackson: int = 2
+        self, command: str, session_id: str, message_id: str | None, *extra: str, jackson: int = 2
     ) -> dict[str, Any]:
-        """Run ChatProducer; returns the JSON line it printed about the record it sent."""
+        """Run ChatProducer; returns the JSON line it printed about the record it sent
+        (`message_id` None: a session-cancel, which names none)."""
         argv = self._argv(
             PRODUCER,
             self.settings.kafka_bootstrap_servers,
             self.settings.topic_prefix,
             command,
             session_id,
-            message_id,
+            *([] if message_id is None else [message_id]),
             "--jackson",
             str(jackson),
             *extra,

@@ -27,6 +27,7 @@ from chatpipe.schemas import (
     ChatCompleted,
     ChatFailed,
     ChatRequest,
+    ChatSessionCancel,
     ChatStarted,
     Usage,
     utcnow,
@@ -240,6 +241,16 @@ REQUEST_CASES: list[tuple[str, Json, bool]] = [
         True,
     ),
     (
+        "if_busy (1.4.0)",
+        {"messageId": "m-1", "sessionId": "s-1", "message": "hi", "ifBusy": "interrupt"},
+        True,
+    ),
+    (
+        "an unknown if_busy",
+        {"messageId": "m-1", "sessionId": "s-1", "message": "hi", "ifBusy": "rollback"},
+        False,
+    ),
+    (
         "messages and message",
         {
             "messageId": "m-1",
@@ -289,6 +300,18 @@ REQUEST_CASES: list[tuple[str, Json, bool]] = [
     ),
 ]
 
+SESSION_CANCEL_CASES: list[tuple[str, Json, bool]] = [
+    (
+        "snake_case as the api writes",
+        json.loads(ChatSessionCancel(session_id="s-1", user_id="u-1").to_json()),
+        True,
+    ),
+    ("camelCase, no requestedAt", {"type": "chat.session_cancel", "sessionId": "s:42"}, True),
+    ("no session id", {"type": "chat.session_cancel"}, False),
+    ("a bad session id", {"type": "chat.session_cancel", "sessionId": "s 1"}, False),
+    ("the wrong type", {"type": "chat.cancel", "sessionId": "s-1"}, False),
+]
+
 CANCEL_CASES: list[tuple[str, Json, bool]] = [
     (
         "snake_case as the api writes",
@@ -320,9 +343,11 @@ CANCEL_CASES: list[tuple[str, Json, bool]] = [
 @pytest.mark.parametrize(
     ("name", "value", "valid"),
     [("chat.request", v, ok) for _, v, ok in REQUEST_CASES]
-    + [("chat.cancel", v, ok) for _, v, ok in CANCEL_CASES],
+    + [("chat.cancel", v, ok) for _, v, ok in CANCEL_CASES]
+    + [("chat.session_cancel", v, ok) for _, v, ok in SESSION_CANCEL_CASES],
     ids=[f"request: {c}" for c, _, _ in REQUEST_CASES]
-    + [f"cancel: {c}" for c, _, _ in CANCEL_CASES],
+    + [f"cancel: {c}" for c, _, _ in CANCEL_CASES]
+    + [f"session cancel: {c}" for c, _, _ in SESSION_CANCEL_CASES],
 )
 def test_input_schema_and_model_agree(name: str, value: Json, valid: bool) -> None:
     """What the JSON Schema accepts is what chatpipe's consumer accepts (else it dead-letters)."""
@@ -402,7 +427,7 @@ def test_asyncapi_structure() -> None:
     keys, headers and payload files, examples valid against their schemas."""
     doc = committed(contract.ASYNCAPI_FILE)
     assert doc["asyncapi"] == "3.0.0"
-    assert doc["info"]["version"] == "1.3.0"
+    assert doc["info"]["version"] == "1.4.0"
     assert doc["info"]["title"] == "chatpipe"
     assert doc["defaultContentType"] == "application/json"
     addresses = {c["address"]: c for c in doc["channels"].values()}
@@ -470,6 +495,9 @@ def test_asyncapi_structure() -> None:
         key = msg["bindings"]["kafka"]["key"]
         if m.name == "chat.cancel":
             assert re.fullmatch(key["pattern"], "s-1:m-1")
+        elif m.name == "chat.session_cancel":  # the session id alone, never a message's key
+            assert re.fullmatch(key["pattern"], "s%3A42")
+            assert not re.fullmatch(key["pattern"], "s-1:m-1")
         else:
             assert key["description"] == "session_id"
         assert msg["examples"]

@@ -60,7 +60,9 @@ async def check_spring_record(
     assert len(records) == 1, records
     record = records[0]
     value: Json = json.loads(record.value)
-    java_class = "ChatRequest" if name == "chat.request" else "ChatCancel"
+    java_class = {"chat.request": "ChatRequest", "chat.session_cancel": "ChatSessionCancel"}.get(
+        name, "ChatCancel"
+    )
     assert headers_of(record) == {"__TypeId__": f"dev.chatpipe.interop.{java_class}"}
     assert sent["headers"] == headers_of(record)
     assert (record.partition, record.offset) == (sent["partition"], sent["offset"])
@@ -202,6 +204,46 @@ async def test_a_spring_cancel_stops_a_spring_request(
     await check_spring_record(
         settings, settings.cancels_topic, cancel_key.decode(), sent, "chat.cancel", jackson
     )
+    assert await read_topic(settings, settings.dlq_topic) == []
+
+
+@pytest.mark.parametrize("jackson", JACKSONS)
+async def test_a_spring_session_cancel_stops_the_streaming_and_the_queued_request(
+    java: Java, topics: Settings, redis: Redis, tmp_path: Path, jackson: int
+) -> None:
+    """Issue 14: "stop all" from a Spring frontend, a `chat.session_cancel` record alone."""
+    settings = topics
+    session_id = f"s-spring:{jackson}"  # an id with `:`: the record's key is escaped
+    streaming, queued = f"m-long-{jackson}", f"m-queued-{jackson}"
+    keys = Keys.from_settings(settings)
+    async with (
+        chatpipe_stack(settings, tmp_path, sim_tokens=2000, sim_token_delay_ms=20) as stack,
+        httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
+    ):
+        for message_id in (streaming, queued):
+            await asyncio.to_thread(
+                java.produce, "request", session_id, message_id, jackson=jackson
+            )
+        sent: Json = {}
+        async with asyncio.timeout(60), http.stream("GET", f"/api/chat/{streaming}/stream") as sse:
+            async for sse_event in sse_events(sse):
+                if sse_event.event == "chunk" and not sent:
+                    sent = await asyncio.to_thread(
+                        java.produce, "session-cancel", session_id, None, jackson=jackson
+                    )
+                elif sse_event.event == "done":
+                    assert sse_event.data["status"] == "cancelled", sse_event.data
+                    break
+        async with asyncio.timeout(60), http.stream("GET", f"/api/chat/{queued}/stream") as sse:
+            events = [e async for e in sse_events(sse)]
+        assert [e.event for e in events] == ["done"]  # never started
+        assert events[0].data["status"] == "cancelled"
+        assert await redis.hget(keys.msg(queued), "state") == b"cancelled"
+    assert sent["key"] == "s-spring%3A" + str(jackson)
+    value = await check_spring_record(
+        settings, settings.cancels_topic, sent["key"], sent, "chat.session_cancel", jackson
+    )
+    assert value["type"] == "chat.session_cancel"
     assert await read_topic(settings, settings.dlq_topic) == []
 
 

@@ -25,7 +25,8 @@ from redis.asyncio import Redis
 
 from chatpipe.clients import make_consumer
 from chatpipe.settings import Settings
-from tests.providers.procs import Proc, msg_starts, start_api, start_consumer, stopping
+from tests.e2e.cluster import apoll
+from tests.providers.procs import Proc, msg_starts, start, start_api, start_consumer, stopping
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "operations.md"
@@ -41,6 +42,8 @@ TESTED = {
     "publish-request",
     "read-cancels",
     "publish-cancel",
+    "publish-session-cancel",
+    "redis-session-cancel",
     "tombstone",
     "read-dlq",
     "lag",
@@ -294,6 +297,32 @@ async def test_cancels_read_back_with_keys_and_tombstones_and_flag_redis(
         answer = key_value_lines(await ops.run("session-responses", **live))
         assert [v["type"] for _, v in answer] == ["chat.cancelled"]
         assert answer[0][1]["reason"] == "cancelled by user"
+
+
+@needs_kcat
+async def test_a_session_cancel_from_kcat_stops_a_request_no_consumer_has_fetched(
+    topics: Settings, tmp_path: Path
+) -> None:
+    """Stop all from the shell: the request is in Kafka only (no ai_consumer runs yet); once
+    the listener has the session's cancel time, the consumer that starts ends it cancelled."""
+    ops = Ops(topics, tmp_path)
+    ids = {"session_id": new_id("s"), "message_id": new_id("m")}
+    listener = await start("cancel_listener", topics, tmp_path, "listener-1", **FAST)
+    async with stopping(listener):
+        await listener.line(msg_starts("replayed"))
+        await ops.run("publish-request", **ids)
+        await ops.run("publish-session-cancel", **ids)
+
+        async def marked() -> str | None:
+            return (await ops.run("redis-session-cancel", **ids)).strip() or None
+
+        at = await apoll("the session's cancel time in Redis", marked, within=20)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", at), at
+        consumer = await start_consumer(topics, tmp_path, "ai-1", **FAST)
+        async with stopping(consumer):
+            await read_until(topics, topics.responses_topic, terminal_for(ids["message_id"]))
+            answer = key_value_lines(await ops.run("session-responses", **ids))
+    assert [v["type"] for _, v in answer] == ["chat.cancelled"]
 
 
 # --- requests: kcat publishes, chatpipe answers, every view of it ---------------------------

@@ -11,8 +11,16 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from chatpipe.codec import MAX_RECORD_BYTES, header, headers_for, parse_cancel, parse_request
+from chatpipe.codec import (
+    MAX_RECORD_BYTES,
+    header,
+    headers_for,
+    parse_cancel,
+    parse_request,
+    parse_request_record,
+)
 from chatpipe.errors import InvalidRecord
+from chatpipe.schemas import ChatCancel, ChatSessionCancel
 
 SNAKE = {
     "schema_version": 1,
@@ -223,3 +231,25 @@ def test_headers_for_writes_the_contract_headers() -> None:
         ("event-type", b"chat.chunk"),
     ]
     assert ("traceparent", b"00-1-2-01") in headers_for("chat.chunk", "00-1-2-01")
+
+
+def test_a_cancels_record_is_a_session_cancel_only_by_its_type() -> None:
+    session = parse_cancel(b'{"type": "chat.session_cancel", "sessionId": "s-1"}')
+    assert isinstance(session, ChatSessionCancel)
+    assert session.session_id == "s-1"
+    assert "requested_at" not in session.model_fields_set  # the listener uses the timestamp
+    # the same text in a reason does not make a message's cancel a session's
+    cancel = parse_cancel(
+        b'{"session_id": "s-1", "message_id": "m-1", "reason": "\\"chat.session_cancel\\""}'
+    )
+    assert isinstance(cancel, ChatCancel)
+    with pytest.raises(InvalidRecord):
+        parse_cancel(b'{"type": "chat.session_cancel"}')
+
+
+def test_a_request_without_created_at_was_created_when_its_record_was_sent() -> None:
+    at_ms = 1_735_787_045_678
+    bare = parse_request_record(b'{"message_id": "m", "session_id": "s", "message": "hi"}', at_ms)
+    assert bare.created_at == datetime.fromtimestamp(at_ms / 1000, UTC)
+    given = b'{"message_id": "m", "session_id": "s", "message": "hi", "createdAt": 1.5}'
+    assert parse_request_record(given, at_ms).created_at == datetime.fromtimestamp(1.5, UTC)

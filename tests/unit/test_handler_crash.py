@@ -160,7 +160,9 @@ class ExplodingHandler:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    async def handle(self, req: ChatRequest, traceparent: str | None = None) -> str:
+    async def handle(
+        self, req: ChatRequest, traceparent: str | None = None, refused: str | None = None
+    ) -> str:
         self.calls.append(req.message_id)
         if req.message_id == "poison":
             raise RuntimeError("bug")

@@ -100,6 +100,22 @@ async def test_sessions_run_in_parallel() -> None:
     assert sorted(fake.finished) == ["a0", "a1", "b0", "c0"]
 
 
+async def test_a_refused_request_is_ended_at_once_not_behind_its_session() -> None:
+    """if_busy reject: refused because the session is busy, so it must not wait for it."""
+    fake = FakeRun()
+    lanes = Lanes(10, fake.run, fake.done)
+    lanes.submit(work("a0", "A"))
+    refused = work("a1", "A", offset=1)
+    refused.refused = "busy: session A is busy with message a0"
+    lanes.submit(refused)
+    await fake.wait_started("a0", "a1")  # a1 runs while a0 still runs
+    fake.release["a1"].set()
+    fake.release["a0"].set()
+    async with asyncio.timeout(TIMEOUT):
+        await lanes.wait_idle()
+    assert sorted(fake.finished) == ["a0", "a1"]
+
+
 async def test_never_more_than_max_concurrent_streams_run() -> None:
     fake = FakeRun()
     lanes = Lanes(2, fake.run, fake.done)

@@ -25,6 +25,7 @@ import org.springframework.kafka.support.serializer.JsonSerializer;
  * ChatProducer BOOTSTRAP TOPIC_PREFIX request SESSION_ID MESSAGE_ID [--user U] [--text T]
  *              [--null-created-at] [--jackson 2|3]
  * ChatProducer BOOTSTRAP TOPIC_PREFIX cancel  SESSION_ID MESSAGE_ID [--jackson 2|3]
+ * ChatProducer BOOTSTRAP TOPIC_PREFIX session-cancel SESSION_ID [--jackson 2|3]
  * </pre>
  *
  * {@code --jackson 2} (default) uses {@code JsonSerializer} (Jackson 2, deprecated in Spring
@@ -39,9 +40,8 @@ public final class ChatProducer {
         Args args = new Args(argv, Set.of("null-created-at"));
         String bootstrap = args.at(0, "bootstrap servers");
         String prefix = args.at(1, "topic prefix");
-        String command = args.at(2, "command (request|cancel)");
+        String command = args.at(2, "command (request|cancel|session-cancel)");
         String sessionId = args.at(3, "session id");
-        String messageId = args.at(4, "message id");
         int jackson = Args.jackson(args);
 
         String topic;
@@ -49,6 +49,7 @@ public final class ChatProducer {
         Object value;
         switch (command) {
             case "request" -> {
+                String messageId = args.at(4, "message id");
                 topic = prefix + "chat.requests";
                 key = sessionId;
                 Instant createdAt = args.flag("null-created-at") ? null : Instant.now();
@@ -61,11 +62,18 @@ public final class ChatProducer {
             }
             case "cancel" -> {
                 topic = prefix + "chat.cancels";
-                ChatCancel cancel = new ChatCancel(sessionId, messageId, Instant.now());
+                ChatCancel cancel = new ChatCancel(sessionId, args.at(4, "message id"), Instant.now());
                 key = cancel.kafkaKey();
                 value = cancel;
             }
-            default -> throw new IllegalArgumentException("command is request or cancel, not " + command);
+            case "session-cancel" -> {
+                topic = prefix + "chat.cancels";
+                ChatSessionCancel cancel = new ChatSessionCancel(sessionId, Instant.now());
+                key = cancel.kafkaKey();
+                value = cancel;
+            }
+            default -> throw new IllegalArgumentException(
+                    "command is request, cancel or session-cancel, not " + command);
         }
 
         Map<String, Object> props = new HashMap<>();
