@@ -7,15 +7,32 @@ import logging
 from collections.abc import AsyncIterator
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import Authenticator, Forbidden, Unauthenticated, secure_openapi
 from api.guard import BodyTooLarge, GuardBodies
 from api.hub import Hub, InvalidStreamId
 from api.limits import Full, Limited, RateLimiter, StreamLimits
 from api.middleware import RequestCounter
+from api.openai.completions import Completions
+from api.openai.errors import (
+    CODES,
+    InvalidRequest,
+    UpstreamFailed,
+    error_body,
+    is_openai,
+    openai_error,
+    validation_error,
+)
+from api.openai.routes import router as openai_router
 from api.readiness import Readiness
 from api.routes import router
 from api.service import ChatService, Conflict, NotFound, TooLarge
@@ -33,6 +50,8 @@ log = logging.getLogger(__name__)
 
 STATUS = {
     InvalidStreamId: 400,
+    InvalidRequest: 400,
+    UpstreamFailed: 502,
     Unauthenticated: 401,
     Forbidden: 403,
     Conflict: 409,
@@ -46,9 +65,10 @@ STATUS = {
 }
 
 
-def error_response(exc: ChatpipeError, settings: Settings) -> JSONResponse:
-    """The api's answer to an error: its status, `{"detail": reason}` and the headers that
-    tell the caller what to do (Retry-After, WWW-Authenticate)."""
+def error_response(exc: ChatpipeError, settings: Settings, path: str = "") -> JSONResponse:
+    """The api's answer to an error: its status, `{"detail": reason}` (on the `/v1/` routes
+    OpenAI's error object) and the headers that tell the caller what to do (Retry-After,
+    WWW-Authenticate)."""
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
     headers: dict[str, str] | None = None
     if isinstance(exc, Limited):
@@ -57,6 +77,8 @@ def error_response(exc: ChatpipeError, settings: Settings) -> JSONResponse:
         headers = {"Retry-After": str(settings.retry_after_s)}
     elif status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
+    if is_openai(path):
+        return openai_error(exc, status, headers)
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
@@ -111,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             streams,
             tracing=tracing,
         )
+        app.state.completions = Completions(app.state.service, settings)
         app.state.readiness = Readiness(redis, producer)
         app.state.demo_html = resources.files("api").joinpath("static/index.html").read_text()
         log.info(
@@ -130,12 +153,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = App(  # FastAPI that drops clients which stopped reading (api/stalled.py)
         title="chatpipe",
-        version="1.2.0",  # docs/contract.md, HTTP versions
+        version="1.3.0",  # docs/contract.md, HTTP versions
         summary="Streams LLM chat answers over SSE; cancel on the first click from any instance.",
         lifespan=lifespan,
     )
     app.state.auth = auth
     app.include_router(router)
+    app.include_router(openai_router)
     secure_openapi(app, auth)
 
     # credentials and size before the body is read (inside CORS: its answers get CORS headers)
@@ -143,7 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         GuardBodies,
         auth=auth,
         max_bytes=settings.api_max_body_bytes,
-        refuse=lambda e: error_response(e, settings),
+        refuse=lambda e, path: error_response(e, settings, path),
     )
     app.add_middleware(RequestCounter)
     origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
@@ -153,17 +177,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-API-Key"],
-            expose_headers=["Retry-After", "X-Message-Id"],
+            expose_headers=["Retry-After", "X-Message-Id", "X-Chatpipe-Message-Id"],
             max_age=600,
         )
 
     @app.exception_handler(ChatpipeError)
     async def on_error(request: Request, exc: ChatpipeError) -> JSONResponse:
-        answer = error_response(exc, settings)
+        answer = error_response(exc, settings, request.url.path)
         if answer.status_code >= 500:
             log.warning(
                 "%s %s -> %d: %s", request.method, request.url.path, answer.status_code, exc
             )
         return answer
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        if is_openai(request.url.path):
+            return validation_error(exc.errors())
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if is_openai(request.url.path):
+            body = error_body(exc.status_code, str(exc.detail), None, CODES.get(exc.status_code))
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     return app

@@ -43,12 +43,13 @@ class GuardBodies:
         app: ASGIApp,
         auth: Authenticator,
         max_bytes: int,
-        refuse: Callable[[ChatpipeError], Response],
+        refuse: Callable[[ChatpipeError, str], Response],
     ) -> None:
         self.app = app
         self.auth = auth
         self.max_bytes = max_bytes
-        self.refuse = refuse  # the api's error answer (status, reason, headers) of an error
+        # the api's error answer (status, reason, headers) of an error on a path
+        self.refuse = refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in WITH_BODY:
@@ -60,7 +61,7 @@ class GuardBodies:
                 scope[PRINCIPAL] = self.auth.authenticate(credential_of(headers))
             body = await self._body(headers, receive)
         except ChatpipeError as e:
-            await self.refuse(e)(scope, receive, send)
+            await self.refuse(e, scope.get("path", ""))(scope, receive, send)
             return
         if body is None:
             return  # the client left before its body was in: no one to answer

@@ -131,12 +131,7 @@ async def get_stream(
 async def post_chat_stream(body: ChatBody, request: Request, caller: Caller) -> SSEResponse:
     """Queue a chat message and answer with its SSE stream directly."""
     service = _service(request)
-    slot = await service.take_slot(caller)  # a stream limit refuses before anything is queued
-    try:
-        req = await service.submit(body, caller, request.headers.get("traceparent"))
-    except BaseException:
-        await slot.release()
-        raise
+    req, slot = await service.submit_to_stream(body, caller, request.headers.get("traceparent"))
     events, slot = await service.open_stream(req.message_id, None, caller, slot)
     return _sse(request, events, slot, **{"X-Message-Id": req.message_id})
 

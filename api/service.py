@@ -372,6 +372,18 @@ class ChatService:
             "redis", self.streams.acquire(caller.user_id if caller is not None else None)
         )
 
+    async def submit_to_stream(
+        self, body: ChatBody, caller: Principal | None, traceparent: str | None
+    ) -> tuple[ChatRequest, Slot]:
+        """`submit` for a caller that streams the answer in the same response: its stream
+        slot is taken first (a stream limit refuses before anything is queued)."""
+        slot = await self.take_slot(caller)
+        try:
+            return await self.submit(body, caller, traceparent), slot
+        except BaseException:
+            await slot.release()
+            raise
+
     async def open_stream(
         self,
         message_id: str,

@@ -10,6 +10,7 @@
 #                                         are missing)
 #   infra/local/install.sh python         pip install -e '.[dev,otel]' from the repo root
 #   infra/local/install.sh kafka          Kafka broker jars from Maven Central into the cache
+#   infra/local/install.sh node           the openai npm package of tests/interop/node (npm ci)
 #
 # Settings (environment): CHATPIPE_CACHE_DIR=$HOME/.cache/chatpipe, PYTHON=python3,
 # CHATPIPE_FORCE_INSTALL=1 (redo the pip and jar steps even when their stamps say done).
@@ -112,6 +113,24 @@ install_kafka() {
   log "Kafka jars ready: $(find "$lib" -name '*.jar' | wc -l) jars, $(du -sh "$lib" | cut -f1)"
 }
 
+# ---------------------------------------------------------------------------- Node
+
+# The openai npm package the Node SDK test runs (tests/interop/node, from its lock file).
+install_node() {
+  local dir="${ROOT}/tests/interop/node"
+  command -v npm >/dev/null 2>&1 || install_packages nodejs npm
+  local stamp="${dir}/node_modules/.chatpipe-stamp"
+  local key
+  key="$(sha256sum "${dir}/package-lock.json" | cut -d' ' -f1)"
+  if [[ -z "$FORCE" && -f "$stamp" && "$(cat "$stamp")" == "$key" ]]; then
+    log "node packages up to date (${dir})"
+    return
+  fi
+  log "npm ci in ${dir}"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci failed in ${dir}"
+  printf '%s\n' "$key" >"$stamp"
+}
+
 main() {
   local what="${1:-all}"
   case "$what" in
@@ -119,12 +138,14 @@ main() {
       install_packages
       install_kafka
       install_python
+      install_node
       ;;
+    node) install_node ;;
     packages) shift; install_packages "$@" ;;
     python) install_python ;;
     kafka) install_kafka ;;
     -h | --help | help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//' ;;
-    *) die "unknown step '${what}' (all, packages, python, kafka)" ;;
+    *) die "unknown step '${what}' (all, packages, python, kafka, node)" ;;
   esac
 }
 

@@ -28,6 +28,7 @@ from chatpipe.topics import ensure_topics, topic_specs
 from tests.conftest import namespace
 from tests.e2e.cluster import Cluster
 from tests.e2e.sse import SSEStream
+from tests.providers.upstream import FakeOpenAI, serve_in_thread
 from tests.support.services import Services
 
 T = TypeVar("T")
@@ -99,6 +100,14 @@ def cluster_topics(cluster_settings: Settings) -> Iterator[Settings]:
     finally:
         with contextlib.suppress(Exception):
             run_async(delete)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    """A recording OpenAI-compatible model server for the module (in a thread of its own: the
+    module's processes start before any test's loop); see `provider_env`."""
+    with serve_in_thread(FakeOpenAI()) as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")

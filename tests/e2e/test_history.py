@@ -9,7 +9,6 @@ start before any test's loop). What the model server receives is what is asserte
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from tests.e2e.cluster import apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.sse import SSEEvent, chunks, dones
-from tests.providers.upstream import Call, FakeOpenAI, reply, serve_in_thread
+from tests.providers.upstream import FakeOpenAI, provider_env, reply
 
 pytestmark = pytest.mark.e2e
 
@@ -25,31 +24,8 @@ MARK = "[the user stopped this answer here]"  # HISTORY_CANCELLED_MARK's default
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeOpenAI]:
-    with serve_in_thread(FakeOpenAI()) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def cluster_env(upstream: FakeOpenAI) -> dict[str, object]:
-    return {
-        **DEFAULT_ENV,
-        "llm_provider": "openai",
-        "llm_base_url": f"{upstream.url}/v1",
-        "llm_model": "fake-model",
-        "llm_timeout_s": 5.0,
-    }
-
-
-async def call_of(upstream: FakeOpenAI, message_id: str) -> Call:
-    """The upstream request made for `message_id` (waits until it arrives)."""
-
-    async def found() -> Call | None:
-        return next(
-            (c for c in upstream.calls if c.headers.get("x-request-id") == message_id), None
-        )
-
-    return await apoll(f"the upstream call of {message_id}", found, within=30)
+    return {**DEFAULT_ENV, **provider_env(upstream, "fake-model")}
 
 
 async def answer(api: Api, message_id: str) -> list[SSEEvent]:
@@ -88,7 +64,7 @@ async def test_each_turn_is_generated_with_the_conversation_so_far(
     a, b = apis
     session = new_session()
     first = await answered(a, b, session, "what is Kafka?")
-    assert (await call_of(upstream, first)).body["messages"] == [turn("user", "what is Kafka?")]
+    assert (await upstream.call_for(first)).body["messages"] == [turn("user", "what is Kafka?")]
 
     # stopped halfway: 3 chunks, then the model server holds until the cancel closes it
     stopped = (await b.chat(session, "hold:3"))["message_id"]
@@ -106,7 +82,7 @@ async def test_each_turn_is_generated_with_the_conversation_so_far(
     events = await answer(a, last)
     assert status(events) == "completed"
     assert text(events) == "".join(reply("and Redis?"))
-    assert (await call_of(upstream, last)).body["messages"] == [
+    assert (await upstream.call_for(last)).body["messages"] == [
         turn("user", "what is Kafka?"),
         turn("assistant", "".join(reply("what is Kafka?"))),
         turn("user", "hold:3"),
@@ -152,7 +128,7 @@ async def test_a_request_with_its_own_messages_is_sent_as_given(
     ]
     message_id = await send(b, session, {"messages": given})  # `message` left out
     assert status(await answer(a, message_id)) == "completed"
-    assert (await call_of(upstream, message_id)).body["messages"] == given
+    assert (await upstream.call_for(message_id)).body["messages"] == given
     turns = (await a.client.get(f"/api/sessions/{session}/messages")).json()["messages"]
     assert [(t["message_id"], t["message"]) for t in turns] == [
         (earlier, "kept by chatpipe"),

@@ -465,3 +465,25 @@ async def test_demo_page_takes_a_token_from_its_url(cluster: Cluster) -> None:
             await expect(turn).to_have_attribute("data-status", "cancelled")
         finally:
             await browser.close()
+
+
+# --- the OpenAI-compatible routes: the same auth, OpenAI's error shape ---------------------
+async def test_openai_routes_want_a_key_and_keep_each_users_sessions(as_user: Clients) -> None:
+    anonymous, alice, mallory = as_user(None), as_user(new_user("alice")), as_user(new_user("m"))
+    body = {"model": "chatpipe", "messages": [{"role": "user", "content": "hi"}]}
+    for answer in (
+        await anonymous[0].get("/v1/models"),
+        await anonymous[1].post("/v1/chat/completions", json=body),
+    ):
+        assert answer.status_code == 401, answer.text
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+    assert (await alice[0].get("/v1/models")).status_code == 200
+    session = new_session()
+    mine = {**body, "metadata": {"session_id": session}}
+    done = await alice[0].post("/v1/chat/completions", json=mine)
+    assert done.status_code == 200, done.text
+    assert done.json()["choices"][0]["message"]["content"]
+    refused = await mallory[1].post("/v1/chat/completions", json=mine)  # Alice's session
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["type"] == "permission_error"

@@ -39,6 +39,8 @@ from typing import Any
 import orjson
 import uvicorn
 
+from tests.e2e.cluster import apoll
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -109,6 +111,17 @@ class FakeOpenAI:
     async def next_call(self, within: float = 5.0) -> Call:
         async with asyncio.timeout(within):
             return await self._arrivals.get()
+
+    async def call_for(self, message_id: str, within: float = 30.0) -> Call:
+        """The request made for chatpipe message `message_id` (its X-Request-Id), once it
+        arrived (polled: the server may run in another thread's loop)."""
+
+        async def found() -> Call | None:
+            return next(
+                (c for c in self.calls if c.headers.get("x-request-id") == message_id), None
+            )
+
+        return await apoll(f"the upstream call of {message_id}", found, within=within)
 
     def close(self) -> None:
         """Let held responses end (teardown)."""
@@ -316,6 +329,16 @@ def serve_in_thread(fake: FakeOpenAI) -> Iterator[FakeOpenAI]:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
         loop.close()
+
+
+def provider_env(fake: FakeOpenAI, model: str = "fake-model") -> dict[str, object]:
+    """The settings of processes whose ai_consumers answer through `fake`."""
+    return {
+        "llm_provider": "openai",
+        "llm_base_url": f"{fake.url}/v1",
+        "llm_model": model,
+        "llm_timeout_s": 5.0,
+    }
 
 
 def refused_url() -> str:

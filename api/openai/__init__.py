@@ -1,0 +1,1 @@
+"""The OpenAI-compatible face of the api (`/v1/...`): docs/openai.md."""
