@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from ai_consumer.interrupt import until_set
-from ai_consumer.llm import Provider, ProviderError
+from ai_consumer.llm import Provider, ProviderError, TokenUsage
 from ai_consumer.registry import LocalStream, Registry
 from ai_consumer.sink import CANCEL, LOST, Outgoing, Sink
 from ai_consumer.tombstones import Tombstones
@@ -31,6 +32,25 @@ log = logging.getLogger(__name__)
 
 def _now() -> str:
     return now_rfc3339()  # rfc3339(utcnow()), formatted once per second
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """An answer's token counts as its terminal event reports them."""
+
+    completion: int
+    prompt: int | None
+
+    @classmethod
+    def of(cls, usage: TokenUsage | None, chunks: int) -> Tokens:
+        counted = usage.completion_tokens if usage is not None else None
+        return cls(chunks if counted is None else counted, usage.prompt_tokens if usage else None)
+
+    def usage(self, chunks: int) -> dict[str, int]:
+        out = {"completion_tokens": self.completion, "chunks": chunks}
+        if self.prompt is not None:
+            out["prompt_tokens"] = self.prompt
+        return out
 
 
 class Handler:
@@ -228,13 +248,14 @@ class Handler:
 
         wanted, reason, chunks = "completed", "", 0
         parts: list[str] = []  # the answer's text, for the session's history
+        usage = TokenUsage()  # the model's own counts, as the provider learns them
         flag_seen_at: float | None = None  # when a chunk saw the Redis flag (the flag has no time)
         # every chunk's record: this one, copied, with its seq, at and delta (same fields in the
         # same order as _event's), instead of building it field by field on every chunk
         chunk_value = self._event(req, "chat.chunk", seq, at)
         try:
             async with contextlib.aclosing(
-                until_set(self.provider.stream(req, messages), stream.cancelled)
+                until_set(self.provider.stream(req, messages, usage), stream.cancelled)
             ) as tokens:
                 async for delta in tokens:
                     at = _now()
@@ -281,7 +302,16 @@ class Handler:
             wanted, reason = "failed", str(e)
             log.warning("stream failed: %s", e, extra=ids)
         return await self._finish(
-            req, stream, wanted, reason, seq, traceparent, chunks, flag_seen_at, "".join(parts)
+            req,
+            stream,
+            wanted,
+            reason,
+            seq,
+            traceparent,
+            chunks,
+            flag_seen_at,
+            "".join(parts),
+            usage=usage,
         )
 
     async def _finish(
@@ -296,9 +326,12 @@ class Handler:
         flag_seen_at: float | None = None,
         answer: str = "",
         turn: bool = True,
+        usage: TokenUsage | None = None,
     ) -> str:
         """`answer`: the text streamed (the turn the session's history keeps); `turn` False
-        for a request that is not the session's to make (no turn is kept)."""
+        for a request that is not the session's to make (no turn is kept). `usage`: the
+        model's token counts (unknown ones: one token per chunk, no prompt count)."""
+        tokens = Tokens.of(usage, chunks)
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         result = await self.state.finish(
             req.message_id,
@@ -312,6 +345,8 @@ class Handler:
             chunks=chunks,
             message=req.message if turn else "",
             answer=answer,
+            completion_tokens=tokens.completion,
+            prompt_tokens=tokens.prompt,
         )
         if result.already:
             log.info(
@@ -328,7 +363,7 @@ class Handler:
             if since is not None:
                 self.metrics.cancel_latency.labels(measured).observe(max(0.0, time.time() - since))
         self.metrics.messages.labels(final).inc()
-        extra: dict[str, Any] = {"usage": {"completion_tokens": chunks, "chunks": chunks}}
+        extra: dict[str, Any] = {"usage": tokens.usage(chunks)}
         if result.reason:
             extra["reason"] = result.reason
         await self.sink.publish(

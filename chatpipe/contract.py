@@ -66,7 +66,8 @@ KAFKA_BINDING_VERSION = "0.5.0"
 # 1.3.0: `chat.request` may carry `messages` (the whole conversation, sent upstream as given);
 #        `message` is then optional (the last user entry); records chatpipe writes unchanged
 # 1.4.0: `chat.session_cancel` on chat.cancels (stop a whole session), `if_busy` on a request
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.4.0"
+# 1.5.0: `usage.prompt_tokens` on the terminal events; `completion_tokens` is the model's count
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.5.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"

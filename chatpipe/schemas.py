@@ -184,8 +184,13 @@ IfBusy = Literal["enqueue", "interrupt", "reject"]
 
 
 class Usage(ContractModel):
-    completion_tokens: int = 0
+    completion_tokens: int = Field(
+        default=0, description="tokens the model counted (one per chunk when it says none)"
+    )
     chunks: int = 0
+    prompt_tokens: int | None = Field(
+        default=None, description="tokens of what the model was given, when it says (1.5.0)"
+    )
 
 
 class ResponseEvent(ContractModel):

@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr = SecretStr("")  # a secret: never in reprs or logs
     llm_timeout_s: float = 30.0
     llm_system_prompt: str = ""  # sent first, before the history chatpipe keeps
+    # ask an OpenAI-compatible upstream for its token counts (stream_options.include_usage);
+    # false for a server that refuses the option
+    llm_stream_usage: bool = True
     # the api's OpenAI-compatible routes (docs/openai.md): the model names `GET /v1/models`
     # lists and `model` may name, comma-separated; empty: LLM_MODEL, else `chatpipe`
     openai_models: str = ""

@@ -430,6 +430,8 @@ class State:
         chunks: int = 0,
         message: str = "",
         answer: str = "",
+        completion_tokens: int | None = None,
+        prompt_tokens: int | None = None,
     ) -> Finish:
         """`epoch`: the run's (Claim.epoch); a run fenced off by a later claim finishes nothing.
         "" for a message that never started a run (failed or refused before it). The lease
@@ -465,6 +467,8 @@ class State:
             "1" if len(kept) < len(answer) else "",
             s.history_max_turns,
             s.history_ttl_s,
+            chunks if completion_tokens is None else completion_tokens,
+            "" if prompt_tokens is None else prompt_tokens,
         ]
         raw = await self._finish(keys=keys, args=args)
         if _s(raw[0]) == "already":

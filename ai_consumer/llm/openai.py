@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ai_consumer.llm import ProviderError
+from ai_consumer.llm import ProviderError, TokenUsage
 from chatpipe.errors import ChatpipeError
 from chatpipe.schemas import ChatMessage, ChatRequest
 from chatpipe.settings import Settings
@@ -135,6 +135,7 @@ class OpenAIProvider:
         self.url = url
         self.model = settings.llm_model
         self.timeout_s = settings.llm_timeout_s
+        self.stream_usage = settings.llm_stream_usage
         self._secret = settings.llm_api_key  # masked in reprs; only for scrubbing
         api_key = settings.llm_api_key.get_secret_value()
         headers = {"Accept": "text/event-stream", "User-Agent": "chatpipe"}
@@ -166,6 +167,8 @@ class OpenAIProvider:
             "messages": [m.model_dump(include={"role", "content"}) for m in messages],
             "stream": True,
         }
+        if self.stream_usage:  # the token counts, in a last chunk (OpenAI, vLLM, Ollama...)
+            out["stream_options"] = {"include_usage": True}
         model = (opts.model if opts else None) or self.model
         if model:
             out["model"] = model
@@ -176,7 +179,10 @@ class OpenAIProvider:
         return out
 
     async def stream(
-        self, request: ChatRequest, messages: Sequence[ChatMessage]
+        self,
+        request: ChatRequest,
+        messages: Sequence[ChatMessage],
+        usage: TokenUsage | None = None,
     ) -> AsyncIterator[str]:
         try:
             async with self._client.stream(
@@ -204,7 +210,7 @@ class OpenAIProvider:
                         raise ProviderError(
                             self._scrub(f"upstream error: {error_text(data.encode())}")
                         )
-                    delta, done = self._chunk(data)
+                    delta, done = self._chunk(data, usage)
                     finished = finished or done
                     if delta:
                         yield delta
@@ -264,8 +270,9 @@ class OpenAIProvider:
         status = f"upstream returned {response.status_code}"
         return f"{status}: {text}" if text else status
 
-    def _chunk(self, data: str) -> tuple[str, bool]:
-        """(content delta, finished) of one `chat.completion.chunk`."""
+    def _chunk(self, data: str, usage: TokenUsage | None = None) -> tuple[str, bool]:
+        """(content delta, finished) of one `chat.completion.chunk`; its `usage`, when it has
+        one (the last chunk, with `stream_options.include_usage`), goes into `usage`."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -280,6 +287,12 @@ class OpenAIProvider:
             raise ProviderError(
                 self._scrub(f"upstream error: {error_text(orjson.dumps(obj)) or 'unknown'}")
             )
+        counted = obj.get("usage")
+        if usage is not None and isinstance(counted, dict):
+            for name in ("prompt_tokens", "completion_tokens"):
+                value = counted.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    setattr(usage, name, value)
         choices = obj.get("choices")
         if not choices:  # a usage-only chunk (stream_options.include_usage), a keep-alive
             return "", False

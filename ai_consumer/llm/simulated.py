@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 
+from ai_consumer.llm import TokenUsage
 from chatpipe.schemas import ChatMessage, ChatRequest
 
 WORDS = [
@@ -83,10 +84,16 @@ class SimulatedProvider:
         self.first_delay = first_token_delay_ms / 1000
 
     async def stream(
-        self, request: ChatRequest, messages: Sequence[ChatMessage]
+        self,
+        request: ChatRequest,
+        messages: Sequence[ChatMessage],
+        usage: TokenUsage | None = None,
     ) -> AsyncIterator[str]:
         opts = request.options
         count = opts.max_tokens if opts and opts.max_tokens else self.tokens
+        if usage is not None:
+            usage.prompt_tokens = sum(len(m.content.split()) for m in messages)
+            usage.completion_tokens = 0
         loop = asyncio.get_running_loop()
         # pace against a schedule, not by chaining sleeps, so the rate holds under load
         due = loop.time() + self.first_delay
@@ -96,6 +103,8 @@ class SimulatedProvider:
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
+            if usage is not None:  # a word is a token here
+                usage.completion_tokens = i + 1
             yield token
 
     async def aclose(self) -> None:

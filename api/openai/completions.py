@@ -126,15 +126,22 @@ class Answer:
         self.text.append(new)
         return new
 
-    def usage(self, prompt: str) -> CompletionUsage:
-        # tokens as the stream counted them (one chunk per model token); the prompt estimated
-        # at 4 characters a token (chatpipe does not run the model's tokenizer)
-        prompt_tokens = max(1, len(prompt) // 4)
+    def usage(self, counted: dict[str, str], prompt: list[ChatMessage]) -> CompletionUsage:
+        """The model's own counts, as the ai_consumer recorded them with the final state
+        (`completion_tokens`, `prompt_tokens`); what it did not count: one token per chunk,
+        and the prompt at 4 characters a token (chatpipe does not run the model's tokenizer)."""
+        completion = _count(counted.get("completion_tokens"), self.chunks)
+        estimate = max(1, sum(len(m.content) for m in prompt) // 4)
+        prompt_tokens = _count(counted.get("prompt_tokens"), estimate)
         return CompletionUsage(
             prompt_tokens=prompt_tokens,
-            completion_tokens=self.chunks,
-            total_tokens=prompt_tokens + self.chunks,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
         )
+
+
+def _count(value: str | None, otherwise: int) -> int:
+    return int(value) if value and value.isdigit() else otherwise
 
 
 class Completions:
@@ -190,7 +197,7 @@ class Completions:
             elif answer.status is not None:
                 yield _data(self._chunk(answer, Delta(), finish="stop"))
                 if include_usage:
-                    usage = answer.usage(chat.message)
+                    usage = answer.usage(await self._counted(message_id), chat.messages or [])
                     last = CompletionChunk(
                         id=answer.completion_id,
                         created=answer.created,
@@ -245,8 +252,16 @@ class Completions:
             choices=[
                 Choice(message=AnswerMessage(content="".join(answer.text)), finish_reason="stop")
             ],
-            usage=answer.usage(chat.message),
+            usage=answer.usage(await self._counted(message_id), chat.messages or []),
         )
+
+    async def _counted(self, message_id: str) -> dict[str, str]:
+        """The message's state hash (its token counts), {} when Redis cannot say now."""
+        try:
+            return await self.service.state.message(message_id)
+        except Exception as e:  # the answer is complete; its usage falls back to counting
+            log.warning("token counts unavailable: %s", e, extra={"message_id": message_id})
+            return {}
 
     def _chunk(self, answer: Answer, delta: Delta, finish: str | None = None) -> dict[str, object]:
         chunk = CompletionChunk(

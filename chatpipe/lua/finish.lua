@@ -6,11 +6,13 @@
 -- for a request refused in another user's session; history_max 0: history off).
 -- KEYS msg lease cancel active stream leases open history ; ARGV instance wanted reason seq
 --   final_ttl message_id now maxlen epoch lease_ms chunks message answer truncated
---   history_max history_ttl -> {final_state, reason, stream_id} | {'already', state}
+--   history_max history_ttl completion_tokens prompt_tokens ('' unknown)
+--   -> {final_state, reason, stream_id} | {'already', state}
 local msg_key, lease_key, cancel_key, active_key, stream_key, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local open_key, history_key = KEYS[7], KEYS[8]  -- the session's open messages (accept.lua), turns
 local instance, wanted, wanted_reason, seq, final_ttl, message_id, now, maxlen, epoch, lease_ms, chunks = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local message, answer, truncated, history_max, history_ttl = ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]), ARGV[16]
+local completion_tokens, prompt_tokens = ARGV[17], ARGV[18]
 
 local f = redis.call('HMGET', msg_key, 'state', 'epoch', 'cancel_requested', 'created')
 local state = f[1]
@@ -27,7 +29,8 @@ if final ~= 'cancelled' and (redis.call('EXISTS', cancel_key) == 1 or f[3] == '1
   reason = 'cancelled by user'
 end
 redis.call('HSET', msg_key, 'state', final, 'reason', reason, 'finished', now,
-           'final_seq', seq, 'chunks', chunks)
+           'final_seq', seq, 'chunks', chunks, 'completion_tokens', completion_tokens)
+if prompt_tokens ~= '' then redis.call('HSET', msg_key, 'prompt_tokens', prompt_tokens) end
 redis.call('HDEL', msg_key, 'published', 'request', 'message')
 redis.call('ZREM', leases_key, message_id)
 redis.call('SREM', open_key, message_id)

@@ -26,7 +26,14 @@ from chatpipe.settings import Settings
 from tests.e2e.cluster import Cluster, apoll
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.sse import dones
-from tests.providers.upstream import Call, FakeOpenAI, provider_env, reply
+from tests.providers.upstream import (
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    Call,
+    FakeOpenAI,
+    provider_env,
+    reply,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -76,8 +83,9 @@ async def test_a_streamed_completion_reads_the_whole_answer(
     ]
     assert finish == ["stop"]
     assert chunks[-1].choices == []
-    assert chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == len(reply("what is Kafka?"))
+    assert chunks[-1].usage is not None  # the model's own counts, not the chunk count (5)
+    assert chunks[-1].usage.completion_tokens == COMPLETION_TOKENS
+    assert chunks[-1].usage.prompt_tokens == PROMPT_TOKENS
     assert len({c.id for c in chunks}) == 1
     call = await upstream.call_for(message_id_of(chunks[0].id))
     assert call.body["messages"] == [  # the conversation the client sent, as given
@@ -85,6 +93,7 @@ async def test_a_streamed_completion_reads_the_whole_answer(
         {"role": "user", "content": "what is Kafka?"},
     ]
     assert call.body["model"] == MODEL
+    assert call.body["stream_options"] == {"include_usage": True}  # the upstream's counts
 
 
 async def test_closing_the_stream_halfway_cancels_the_answer_and_the_upstream_stream(
@@ -134,7 +143,8 @@ async def test_a_whole_completion_has_the_text_and_its_usage(client: openai.Asyn
     assert completion.choices[0].message.content == "".join(reply("and Redis?"))
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None
-    assert completion.usage.completion_tokens == len(reply("and Redis?"))
+    assert completion.usage.completion_tokens == COMPLETION_TOKENS  # tokens, not 5 chunks
+    assert completion.usage.prompt_tokens == PROMPT_TOKENS
     assert completion.usage.total_tokens == (
         completion.usage.prompt_tokens + completion.usage.completion_tokens
     )

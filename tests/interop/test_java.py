@@ -125,7 +125,8 @@ async def test_a_spring_request_is_answered_to_a_spring_consumer(
         assert line["headers"] == {"content-type": "application/json", "event-type": event["type"]}
         assert (event["messageId"], event["sessionId"]) == (message_id, session_id)
         check_event_fields(event, settings.topic_prefix)
-    assert events[-1]["usage"] == {"completionTokens": 20, "chunks": 20}
+    # the simulator counts words: 20 answered, 1 given ("hi")
+    assert events[-1]["usage"] == {"completionTokens": 20, "chunks": 20, "promptTokens": 1}
     assert events[-1]["reason"] is None
     assert events[0]["restart"] is None
     # the Spring consumer reads the same answer as the browser
@@ -271,7 +272,7 @@ async def test_every_event_type_deserialises_in_spring(
             seq=2,
             at=_at(2),
             reason="upstream: connection refused",
-            usage=Usage(completion_tokens=1, chunks=1),
+            usage=Usage(completion_tokens=1, chunks=1, prompt_tokens=4),
         ),
     ]
     bare: list[Event] = [
@@ -324,7 +325,11 @@ async def test_every_event_type_deserialises_in_spring(
             "reason": getattr(py, "reason", None),
             "usage": None
             if usage is None
-            else {"completionTokens": usage.completion_tokens, "chunks": usage.chunks},
+            else {
+                "completionTokens": usage.completion_tokens,
+                "chunks": usage.chunks,
+                **({} if usage.prompt_tokens is None else {"promptTokens": usage.prompt_tokens}),
+            },
             "restart": getattr(py, "restart", None),
         }
 

@@ -17,14 +17,22 @@ from typing import Any
 import pytest
 
 from ai_consumer.interrupt import until_set
-from ai_consumer.llm import ProviderError
+from ai_consumer.llm import ProviderError, TokenUsage
 from ai_consumer.llm.factory import make_provider
 from ai_consumer.llm.openai import OpenAIProvider, completions_url
 from chatpipe.errors import ChatpipeError
 from chatpipe.history import alone
 from chatpipe.schemas import ChatOptions, ChatRequest
 from chatpipe.settings import Settings
-from tests.providers.upstream import ERROR_MESSAGE, FakeOpenAI, refused_url, reply, serve
+from tests.providers.upstream import (
+    COMPLETION_TOKENS,
+    ERROR_MESSAGE,
+    PROMPT_TOKENS,
+    FakeOpenAI,
+    refused_url,
+    reply,
+    serve,
+)
 
 WITHIN = 0.1  # the upstream sees the disconnect this soon after a cancel, in seconds
 KEY = "sk-test-7f3a9c1e5b"
@@ -85,12 +93,25 @@ async def test_yields_the_deltas_in_order(upstream: FakeOpenAI) -> None:
     assert call.body == {
         "messages": [{"role": "user", "content": "hello"}],
         "stream": True,
+        "stream_options": {"include_usage": True},
         "model": "fake-model",
     }
     assert call.headers["accept"] == "text/event-stream"
     assert call.headers["x-request-id"] == "m1"
     # read to its end: a clean finish, not a disconnect
     assert not call.disconnected.is_set()
+
+
+async def test_the_model_servers_token_counts_are_reported(upstream: FakeOpenAI) -> None:
+    usage = TokenUsage()
+    async with provider_for(upstream.url) as provider:
+        req = request("hello")
+        deltas = [d async for d in provider.stream(req, alone(req), usage)]
+    assert len(deltas) == 5
+    assert (usage.prompt_tokens, usage.completion_tokens) == (PROMPT_TOKENS, COMPLETION_TOKENS)
+    async with provider_for(upstream.url, llm_stream_usage=False) as provider:
+        await collect(provider, request("again"))
+    assert "stream_options" not in upstream.calls[-1].body  # for a server that refuses it
 
 
 async def test_a_finished_stream_leaves_its_connection_for_the_next(upstream: FakeOpenAI) -> None:

@@ -73,7 +73,12 @@ def completion_chunk(
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-USAGE_CHUNK = b'data: {"id":"chatcmpl-test","choices":[],"usage":{"completion_tokens":5}}\n\n'
+# the model's own counts: not one token per delta (a server may send several tokens at once)
+PROMPT_TOKENS, COMPLETION_TOKENS = 11, 7
+USAGE_CHUNK = (
+    b'data: {"id":"chatcmpl-test","choices":[],"usage":{"prompt_tokens":11,'
+    b'"completion_tokens":7,"total_tokens":18}}\n\n'
+)
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 

@@ -66,6 +66,8 @@ class FakeState:
         chunks: int = 0,
         message: str = "",
         answer: str = "",
+        completion_tokens: int | None = None,
+        prompt_tokens: int | None = None,
     ) -> Finish:
         self.finished.append(
             {"message_id": message_id, "state": wanted, "reason": reason, "seq": seq}
@@ -102,7 +104,7 @@ class BuggyProvider:
     """Two tokens, then an exception no provider is supposed to raise."""
 
     async def stream(
-        self, request: ChatRequest, messages: Sequence[ChatMessage]
+        self, request: ChatRequest, messages: Sequence[ChatMessage], usage: object = None
     ) -> AsyncIterator[str]:
         yield "a"
         yield " b"

@@ -134,6 +134,7 @@ public final class ResponseConsumer {
             Map<String, Object> usage = new LinkedHashMap<>();
             usage.put("completionTokens", e.usage().completionTokens());
             usage.put("chunks", e.usage().chunks());
+            if (e.usage().promptTokens() != null) usage.put("promptTokens", e.usage().promptTokens());
             ev.put("usage", usage);
         }
         ev.put("restart", e.restart());

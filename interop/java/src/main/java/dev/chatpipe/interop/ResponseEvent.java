@@ -29,7 +29,8 @@ public record ResponseEvent(
     /** {@code usage} on terminal events. */
     public record Usage(
             @JsonProperty("completion_tokens") Integer completionTokens,
-            @JsonProperty("chunks") Integer chunks) {}
+            @JsonProperty("chunks") Integer chunks,
+            @JsonProperty("prompt_tokens") Integer promptTokens) {}  // since contract 1.5.0
 
     static final Set<String> TERMINAL = Set.of("chat.completed", "chat.cancelled", "chat.failed");
 
