@@ -32,6 +32,7 @@ from api.openai.errors import (
     openai_error,
     validation_error,
 )
+from api.openai.responses import Responses
 from api.openai.routes import router as openai_router
 from api.readiness import Readiness
 from api.routes import router
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tracing=tracing,
         )
         app.state.completions = Completions(app.state.service, settings)
+        app.state.responses = Responses(app.state.service, settings)
         app.state.readiness = Readiness(redis, producer)
         app.state.demo_html = resources.files("api").joinpath("static/index.html").read_text()
         log.info(

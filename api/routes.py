@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.auth import Caller, StreamCaller
 from api.limits import Slot
 from api.service import CANCEL_MESSAGES, ChatService
-from api.sse import SSEResponse
+from api.sse import SSEResponse, sse_response
 from chatpipe.history import SessionMessages
 from chatpipe.schemas import (
     ID_PATTERN,
@@ -48,14 +48,7 @@ def _service(request: Request) -> ChatService:
 
 def _sse(request: Request, events: Any, slot: Slot, **headers: str) -> SSEResponse:
     """The SSE response of a stream (api/sse.py); it releases `slot` however it ends."""
-    s = request.app.state.settings
-    return SSEResponse(
-        events,
-        slot.release,
-        heartbeat_s=s.sse_heartbeat_s,
-        send_timeout_s=s.sse_send_timeout_s,
-        headers=headers,
-    )
+    return sse_response(request, events, slot.release, **headers)
 
 
 def _stream_url(request: Request, message_id: str, user_id: str | None) -> str:

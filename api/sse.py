@@ -240,3 +240,16 @@ class SSEResponse(Response):
             await asyncio.wait_for(sent, self.send_timeout_s)
         except TimeoutError:
             raise SendTimeout from None
+
+
+def sse_response(request: Any, events: Any, release: Any, **headers: str) -> SSEResponse:
+    """The SSE response of a route, with the api's heartbeat and send timeout; `release` (a
+    stream slot's) runs however it ends."""
+    s = request.app.state.settings
+    return SSEResponse(
+        events,
+        release,
+        heartbeat_s=s.sse_heartbeat_s,
+        send_timeout_s=s.sse_send_timeout_s,
+        headers=headers,
+    )

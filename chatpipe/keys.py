@@ -70,6 +70,11 @@ class Keys:
         """Ownership lease of an in-flight message: instance_id, PX lease_ms."""
         return f"{self.prefix}chat:lease:{message_id}"
 
+    def response(self, message_id: str) -> str:
+        """JSON: what an OpenAI background response was asked (model, the conversation given,
+        instructions, metadata...), for `GET /v1/responses/{id}` and `previous_response_id`."""
+        return f"{self.prefix}chat:response:{message_id}"
+
     def wakeup(self, instance_id: str) -> str:
         """Private stream an api process writes to wake its own blocked XREAD."""
         return f"{self.prefix}chat:wakeup:{instance_id}"

@@ -286,13 +286,25 @@ class State:
         names = [k.history(session_id), k.open_messages(session_id)]
         names += [k.active(session_id), k.owner(session_id), k.session_cancelled(session_id)]
         for m in message_ids:
-            names += [k.msg(m), k.stream(m), k.lease(m), k.cancel(session_id, m)]
+            names += [k.msg(m), k.stream(m), k.lease(m), k.cancel(session_id, m), k.response(m)]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(*names)
             if message_ids:
                 pipe.zrem(k.leases(), *message_ids)
             found = await pipe.execute()
         return int(found[0])
+
+    async def save_response(self, message_id: str, meta: bytes) -> None:
+        """Keep what an OpenAI response was asked, as long as the session's history."""
+        await self.redis.set(self.keys.response(message_id), meta, ex=self.settings.history_ttl_s)
+
+    async def response(self, message_id: str) -> bytes | None:
+        value = await self.redis.get(self.keys.response(message_id))
+        return value if value is None or isinstance(value, bytes) else str(value).encode()
+
+    async def turn(self, session_id: str, message_id: str) -> Turn | None:
+        """The message's turn in the session's history (None: not there, or not ended)."""
+        return next((t for t in await self.history(session_id) if t.message_id == message_id), None)
 
     async def message(self, message_id: str) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.msg(message_id))

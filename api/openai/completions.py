@@ -54,16 +54,18 @@ def served_models(settings: Settings) -> list[str]:
     return names or [settings.llm_model or "chatpipe"]
 
 
-def chat_body(body: CompletionRequest, session_header: str | None, models: list[str]) -> ChatBody:
-    """The chatpipe chat of an OpenAI request, or InvalidRequest / ModelNotFound."""
-    if body.model not in models:
-        raise ModelNotFound(
-            f"The model `{body.model}` does not exist or you do not have access to it."
-        )
-    refused = unsupported(body)
+def check_request(model: str, models: list[str], refused: tuple[str, str] | None) -> None:
+    """ModelNotFound for a model not served; InvalidRequest naming an unsupported parameter."""
+    if model not in models:
+        raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.")
     if refused is not None:
         param, why = refused
         raise InvalidRequest(f"Unsupported parameter '{param}': {why}.", param, "unsupported")
+
+
+def chat_body(body: CompletionRequest, session_header: str | None, models: list[str]) -> ChatBody:
+    """The chatpipe chat of an OpenAI request, or InvalidRequest / ModelNotFound."""
+    check_request(body.model, models, unsupported(body))
     if body.messages[-1].role != "user":
         raise InvalidRequest("The last message must be a user message.", "messages")
     session_id = (body.metadata or {}).get("session_id") or session_header

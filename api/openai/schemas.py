@@ -164,3 +164,68 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# --- the Responses API (background responses) ---------------------------------------------
+
+
+class InputItem(BaseModel):
+    """One input message (`{"role", "content"}`, also with `"type": "message"`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part]
+
+
+class ResponseRequest(BaseModel):
+    """Body of `POST /v1/responses`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[InputItem]
+    instructions: str | None = Field(default=None, max_length=100_000)
+    background: bool | None = False
+    stream: bool | None = False
+    previous_response_id: str | None = Field(default=None, max_length=200)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    prompt: Any = None
+    conversation: Any = None
+
+
+def response_unsupported(body: ResponseRequest) -> tuple[str, str] | None:
+    """(parameter, why) of the first parameter of a response chatpipe cannot honour."""
+    if body.tools or body.tool_choice not in (None, "none", "auto"):
+        return "tools", "tools are not supported"
+    if body.store is False and body.background:
+        return "store", "a background response is stored (store=false is not supported)"
+    fmt = (body.text or {}).get("format") or {}
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return "text.format", "only the text format is supported"
+    for name in ("prompt", "conversation"):
+        if getattr(body, name) is not None:
+            return name, f"{name} is not supported (send input, and previous_response_id)"
+    if isinstance(body.input, list):
+        for i, item in enumerate(body.input):
+            if item.type not in (None, "message"):
+                return f"input[{i}].type", f"{item.type} items are not supported"
+            if isinstance(item.content, list):
+                for part in item.content:
+                    if part.type not in ("input_text", "output_text", "text"):
+                        return f"input[{i}].content", f"{part.type} content is not supported"
+    return None
+
+
+def item_text(item: InputItem) -> str:
+    if isinstance(item.content, list):
+        return "".join(part.text or "" for part in item.content)
+    return item.content

@@ -6,6 +6,7 @@ load balancer without stickiness would.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -51,11 +52,13 @@ async def test_demo_page_sends_streams_and_cancels(browser: Browser, cluster: Cl
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     cancels: list[int] = []
+    cancel_answered = asyncio.Event()
 
     async def to_other_instance(route: Route) -> None:
         response = await route.fetch(url=f"{other}/api/cancel")
         cancels.append(response.status)
         await route.fulfill(response=response)
+        cancel_answered.set()
 
     await page.route("**/api/cancel", to_other_instance)
     await page.goto(f"{home}/")
@@ -80,6 +83,10 @@ async def test_demo_page_sends_streams_and_cancels(browser: Browser, cluster: Cl
     status = turn.locator(".status")
     await expect(status).to_have_attribute("data-status", "cancelled")
     await expect(status).to_contain_text("cancelled")
+    # the server's stop can reach the page (the SSE `done`) before this route has its own
+    # answer: wait for the route, not only for the page
+    async with asyncio.timeout(10):
+        await cancel_answered.wait()
     assert cancels == [200], f"the cancel went out {len(cancels)} times: {cancels}"
     # stopped: far short of the 60-token answer, and it does not grow any more
     stopped = await answer.inner_text()

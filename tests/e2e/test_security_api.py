@@ -487,3 +487,28 @@ async def test_openai_routes_want_a_key_and_keep_each_users_sessions(as_user: Cl
     refused = await mallory[1].post("/v1/chat/completions", json=mine)  # Alice's session
     assert refused.status_code == 403, refused.text
     assert refused.json()["error"]["type"] == "permission_error"
+
+
+async def test_another_users_response_is_not_found_and_stays_as_it_is(as_user: Clients) -> None:
+    """A response id of another user answers 404 (whether it exists is not told), for a
+    retrieve, a resume and a cancel; the owner's response is untouched."""
+    alice, mallory = as_user(new_user("alice")), as_user(new_user("m"))
+    body = {"model": "chatpipe", "input": "hello", "background": True}
+    created = await alice[0].post("/v1/responses", json=body)
+    assert created.status_code == 200, created.text
+    response_id = created.json()["id"]
+    for answer in (
+        await mallory[1].get(f"/v1/responses/{response_id}"),
+        await mallory[1].get(f"/v1/responses/{response_id}", params={"stream": "true"}),
+        await mallory[0].post(f"/v1/responses/{response_id}/cancel"),
+        await mallory[0].post("/v1/responses", json={**body, "previous_response_id": response_id}),
+    ):
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"]["code"] == "not_found"
+
+    async def completed() -> dict[str, Any] | None:
+        mine: dict[str, Any] = (await alice[1].get(f"/v1/responses/{response_id}")).json()
+        return mine if mine["status"] == "completed" else None
+
+    done = await apoll("Alice's response to complete", completed, within=30)
+    assert done["output"][0]["content"][0]["text"]  # not cancelled by Mallory

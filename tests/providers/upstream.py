@@ -9,6 +9,7 @@ message it posts to the api):
 |---|---|
 | anything else | `reply(message)`: 5 deltas, then a finish chunk, a usage chunk, `[DONE]` |
 | `hold:N` | N deltas, then nothing until the client disconnects (a long generation) |
+| `slow:N` | N deltas (`w0 `, `w1 `, ...) 50 ms apart, then a normal finish |
 | `stall` | 200 and the headers, then nothing (a model that never produces a token) |
 | `silent` | not even the headers (a server that accepted the connection and hangs) |
 | `status:CODE` | that status with an OpenAI-style JSON error body ("model is overloaded") |
@@ -222,6 +223,15 @@ class FakeOpenAI:
         elif text == "stall":
             await self._start(send)
             await self._hold(call)
+        elif kind == "slow":  # N deltas, 50 ms apart (a long answer), then a normal finish
+            await self._start(send)
+            await self._chunk(send, call, completion_chunk("", role=True))
+            for i in range(int(arg)):
+                await asyncio.sleep(0.05)  # sleep-ok: the model's pace, not a wait for a test
+                await self._chunk(send, call, completion_chunk(f"w{i} "))
+            await self._chunk(send, call, completion_chunk(None, finish="stop"))
+            await self._chunk(send, call, USAGE_CHUNK)
+            await self._chunk(send, call, DONE, last=True)
         elif kind == "hold":
             await self._start(send)
             await self._chunk(send, call, completion_chunk("", role=True))
