@@ -19,6 +19,7 @@ from chatpipe.schemas import (
     CancelResult,
     ChatAccepted,
     ChatBody,
+    MessageInfo,
     SessionCancelled,
     SessionDeleted,
 )
@@ -187,6 +188,20 @@ async def delete_session(
 ) -> SessionDeleted:
     """Stop everything of the session, then remove its history and its messages' state."""
     return await _service(request).delete_session(session_id, caller)
+
+
+@router.get(
+    "/api/chat/{message_id}",
+    response_model=MessageInfo,
+    tags=["chat"],
+    responses={**NOT_FOUND_DOC, **AUTH_DOC, 503: {"description": "Redis unavailable"}},
+)
+async def get_message(
+    message_id: Annotated[str, Path(pattern=ID_PATTERN)], request: Request, caller: Caller
+) -> MessageInfo:
+    """The message's state and who handled it: the ai_consumer that generated it, the api
+    that served its stream, the api that took its cancel, its takeovers."""
+    return await _service(request).describe(message_id, caller)
 
 
 @router.get(

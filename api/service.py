@@ -29,6 +29,7 @@ from chatpipe.schemas import (
     ChatCancel,
     ChatRequest,
     ChatSessionCancel,
+    MessageInfo,
     SessionCancelled,
     SessionDeleted,
     rfc3339,
@@ -203,7 +204,11 @@ class ChatService:
         answer: str = await self._bounded(
             "redis",
             self.state.cancel(
-                body.session_id, body.message_id, user_id, enforce=self._enforce(caller)
+                body.session_id,
+                body.message_id,
+                user_id,
+                enforce=self._enforce(caller),
+                instance_id=self.settings.instance_id,
             ),
         )
         self.metrics.cancel_requests.labels(answer).inc()
@@ -332,6 +337,28 @@ class ChatService:
                 )
             await asyncio.sleep(0.05)
 
+    async def describe(self, message_id: str, caller: Principal | None) -> MessageInfo:
+        """Who did what for one message: the api that served its stream last, the one that
+        took its cancel, the ai_consumer that generated it (the demo page shows them)."""
+        fields = await self._bounded("redis", self.state.message(message_id))
+        if not fields or fields.get("state") == "withdrawn":
+            raise NotFound(f"no message {message_id}")
+        if self._enforce(caller) and caller is not None and fields.get("user") != caller.user_id:
+            self.metrics.forbidden.labels("api_stream").inc()
+            raise Forbidden(FORBIDDEN_MESSAGE)
+        return MessageInfo(
+            message_id=message_id,
+            session_id=fields.get("session", ""),
+            status=fields.get("state", ""),
+            generated_by=fields.get("owner") or None,
+            served_by=fields.get("served_by") or None,
+            cancelled_by=fields.get("cancelled_by") or None,
+            restarts=max(0, int(fields.get("epoch", "1") or 1) - 1),
+            created_at=fields.get("created") or None,
+            finished_at=fields.get("finished") or None,
+            chunks=int(fields.get("chunks", "0") or 0),
+        )
+
     async def session_messages(
         self, session_id: str, caller: Principal | None, limit: int, before: str | None
     ) -> SessionMessages:
@@ -442,6 +469,7 @@ class ChatService:
         if slot is None:
             slot = await self.take_slot(caller)
         try:
+            await self._bounded("redis", self.state.served(message_id, self.settings.instance_id))
             sub = await self._bounded("redis", self.hub.subscribe(message_id, after))
         except BaseException:
             await slot.release()

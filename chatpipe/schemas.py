@@ -295,6 +295,21 @@ class SessionCancelled(BaseModel):
     ended: list[str] = Field(description="ids that had ended before the cancel reached them")
 
 
+class MessageInfo(BaseModel):
+    """Answer of `GET /api/chat/{message_id}`: the message's state and who handled it."""
+
+    message_id: str
+    session_id: str
+    status: str = Field(description="queued, streaming, completed, cancelled or failed")
+    generated_by: str | None = Field(default=None, description="the ai_consumer that ran it")
+    served_by: str | None = Field(default=None, description="the api that served its stream")
+    cancelled_by: str | None = Field(default=None, description="the api that took its cancel")
+    restarts: int = Field(description="how many times another ai_consumer took it over")
+    created_at: str | None = None
+    finished_at: str | None = None
+    chunks: int = 0
+
+
 class SessionDeleted(BaseModel):
     """Answer of `DELETE /api/sessions/{session_id}`."""
 

@@ -43,6 +43,7 @@ PUBLISHED = load_script("published")
 REFRESH = load_script("refresh")
 LAPSED = load_script("lapsed")
 SESSION_CANCEL = load_script("session_cancel")
+SERVED = load_script("served")
 
 
 def _s(value: Any) -> str:
@@ -91,6 +92,7 @@ class State:
         self._withdraw = redis.register_script(WITHDRAW)
         self._lapsed = redis.register_script(LAPSED)
         self._session_cancel = redis.register_script(SESSION_CANCEL)
+        self._served = redis.register_script(SERVED)
 
     # --- api ---------------------------------------------------------------------------
     async def accept(
@@ -206,10 +208,20 @@ class State:
             results = await pipe.execute()
         return [m for (m, _), r in zip(open_, results, strict=True) if int(r) > 0]
 
+    async def served(self, message_id: str, instance_id: str) -> None:
+        """`instance_id` serves the message's stream to a reader (shown by GET /api/chat/{id})."""
+        await self._served(keys=[self.keys.msg(message_id)], args=[instance_id])
+
     async def cancel(
-        self, session_id: str, message_id: str, user_id: str | None = None, enforce: bool = False
+        self,
+        session_id: str,
+        message_id: str,
+        user_id: str | None = None,
+        enforce: bool = False,
+        instance_id: str = "",
     ) -> CancelAnswer:
-        """`enforce`: only the message's sender may cancel it ("forbidden" otherwise)."""
+        """`enforce`: only the message's sender may cancel it ("forbidden" otherwise).
+        `instance_id`: the api that took it (kept as `cancelled_by`)."""
         keys = [self.keys.msg(message_id), self.keys.cancel(session_id, message_id)]
         args: list[Arg] = [
             session_id,
@@ -217,6 +229,7 @@ class State:
             self.settings.cancel_queued_ttl_s,
             int(enforce),
             user_id or "",
+            instance_id,
         ]
         answer = _s(await self._cancel(keys=keys, args=args))
         assert answer in (

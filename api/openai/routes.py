@@ -28,6 +28,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+STREAMS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the object (JSON), or with `stream: true` its events (text/event-stream)",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    },
+    **ERRORS,
+}
+
+
 def _sse(request: Request, events: Any, slot: Slot, **headers: str) -> SSEResponse:
     """The SSE response of a stream (api/sse.py); it releases `slot` however it ends."""
     return sse_response(request, events, slot.release, **headers)
@@ -52,7 +61,7 @@ async def list_models(request: Request, caller: Caller) -> ModelList:
     return ModelList(data=[Model(id=name) for name in _completions(request).models])
 
 
-@router.post("/chat/completions", responses=ERRORS)
+@router.post("/chat/completions", responses=STREAMS)
 async def chat_completions(body: CompletionRequest, request: Request, caller: Caller) -> Response:
     """OpenAI's chat completion, streamed (`stream: true`) or whole; closing the stream (or the
     connection) cancels the answer."""
@@ -69,7 +78,7 @@ async def chat_completions(body: CompletionRequest, request: Request, caller: Ca
     return JSONResponse(whole.model_dump(mode="json"), headers=headers)
 
 
-@router.post("/responses", responses=ERRORS)
+@router.post("/responses", responses=STREAMS)
 async def create_response(body: ResponseRequest, request: Request, caller: Caller) -> Response:
     """A response: `background: true` answers at once (`queued`) and the answer goes on
     without the client; `stream: true` streams its events (resume: `GET ...?stream=true`)."""
@@ -83,7 +92,7 @@ async def create_response(body: ResponseRequest, request: Request, caller: Calle
     return JSONResponse(await responses.wait_final(asked, caller))
 
 
-@router.get("/responses/{response_id}", responses=ERRORS)
+@router.get("/responses/{response_id}", responses=STREAMS)
 async def get_response(
     response_id: ResponseId,
     request: Request,

@@ -610,3 +610,16 @@ async def test_the_answer_so_far_restarts_with_a_takeover(state: State) -> None:
         await pipe.execute()
     await append(state, "m-1", range(4, 5))
     assert await state.answer_so_far("m-1") == "t4"
+
+
+async def test_who_handled_a_message_is_recorded_without_recreating_a_gone_one(
+    state: State, redis: Redis
+) -> None:
+    await streaming(state)
+    await state.served("m-1", "api-2")
+    assert await state.cancel("s-1", "m-1", instance_id="api-1") == "cancelled"
+    assert await state.cancel("s-1", "m-1", instance_id="api-3") == "repeated"
+    fields = await state.message("m-1")
+    assert (fields["served_by"], fields["cancelled_by"], fields["owner"]) == ("api-2", "api-1", A)
+    await state.served("m-gone", "api-2")  # its state expired: no key without a TTL appears
+    assert await redis.exists(state.keys.msg("m-gone")) == 0
