@@ -216,7 +216,7 @@ class Handler:
         if cancelled_before_start or stream.cancelled.is_set():
             log.info("cancelled before its first token, never started", extra=ids)
             return await self._finish(
-                req, stream, "cancelled", "cancelled by user", seq, traceparent
+                req, stream, "cancelled", "cancelled by user", seq, traceparent, started=False
             )
 
         # what the model is given: the session's conversation so far and this message
@@ -327,10 +327,12 @@ class Handler:
         answer: str = "",
         turn: bool = True,
         usage: TokenUsage | None = None,
+        started: bool = True,
     ) -> str:
         """`answer`: the text streamed (the turn the session's history keeps); `turn` False
         for a request that is not the session's to make (no turn is kept). `usage`: the
-        model's token counts (unknown ones: one token per chunk, no prompt count)."""
+        model's token counts (unknown ones: one token per chunk, no prompt count);
+        `started` False for a message cancelled before its run began (the cancel's phase)."""
         tokens = Tokens.of(usage, chunks)
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         result = await self.state.finish(
@@ -354,6 +356,10 @@ class Handler:
             )
             return "skipped"
         final = result.state
+        if final == "cancelled":
+            phase = "streaming" if chunks else "silence" if started else "queued"
+            self.metrics.cancels.labels(phase, result.cancel_source or "unknown").inc()
+            self.metrics.cancel_tokens.observe(tokens.completion)
         if final == "cancelled" and stream is not None:
             since: float | None
             if stream.cancel_requested_at is not None:

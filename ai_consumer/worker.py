@@ -251,7 +251,7 @@ class Worker:
         elif r.if_busy == "interrupt" and observed == "queued":
             enforce = self.settings.ownership_enforced
             stopped = await self.state.stop_session(
-                r.session_id, rfc3339(r.created_at), r.user_id, enforce
+                r.session_id, rfc3339(r.created_at), r.user_id, enforce, source="interrupt"
             )
             log.info(
                 "if_busy interrupt: %s",

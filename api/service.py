@@ -141,7 +141,9 @@ class ChatService:
             options=body.options,
         )
         if body.if_busy == "interrupt":  # everything of the session before this one stops
-            await self.cancel_session(body.session_id, caller, before=request.created_at)
+            await self.cancel_session(
+                body.session_id, caller, before=request.created_at, source="interrupt"
+            )
         answer = await self._bounded(
             "redis",
             self.state.accept(
@@ -199,7 +201,11 @@ class ChatService:
         )
         return request
 
-    async def cancel(self, body: CancelBody, caller: Principal | None = None) -> str:
+    async def cancel(
+        self, body: CancelBody, caller: Principal | None = None, source: str = "api"
+    ) -> str:
+        """Cancel one message; `source` (api, session, interrupt) is counted by the consumer
+        that ends it (chatpipe_cancels_total)."""
         user_id = caller.user_id if caller is not None else None
         answer: str = await self._bounded(
             "redis",
@@ -209,6 +215,7 @@ class ChatService:
                 user_id,
                 enforce=self._enforce(caller),
                 instance_id=self.settings.instance_id,
+                source=source,
             ),
         )
         self.metrics.cancel_requests.labels(answer).inc()
@@ -248,7 +255,11 @@ class ChatService:
         return answer
 
     async def cancel_session(
-        self, session_id: str, caller: Principal | None = None, before: datetime | None = None
+        self,
+        session_id: str,
+        caller: Principal | None = None,
+        before: datetime | None = None,
+        source: str = "session",
     ) -> SessionCancelled:
         """Cancel every message of the session created before `before` (now when None): the
         queued and streaming ones Redis knows each as `cancel` does (its flag, the streamer
@@ -270,7 +281,7 @@ class ChatService:
         ended: list[str] = []
         for message_id, _ in open_:
             answer = await self.cancel(
-                CancelBody(session_id=session_id, message_id=message_id), caller
+                CancelBody(session_id=session_id, message_id=message_id), caller, source
             )
             (cancelled if answer == "cancelled" else ended).append(message_id)
         try:

@@ -86,6 +86,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cancels = Counter(
+            "chatpipe_cancels",
+            "Messages ended cancelled, by phase (queued: never started; silence: started, no "
+            "token yet; streaming: after its first token) and source (api: POST /api/cancel; "
+            "kafka: a chat.cancel record alone; session: a session-wide cancel; interrupt: "
+            "if_busy=interrupt)",
+            ["phase", "source"],
+            registry=r,
+        )
+        self.cancel_tokens = Histogram(
+            "chatpipe_cancel_tokens",
+            "Tokens the model had produced when a cancel stopped its answer",
+            buckets=(0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
+            registry=r,
+        )
         self.sink_batch = Histogram(
             "chatpipe_sink_batch_size",
             "Chunks per Redis round trip",

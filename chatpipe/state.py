@@ -71,6 +71,7 @@ class Finish:
     reason: str
     stream_id: str
     already: bool = False
+    cancel_source: str = ""  # where the first cancel came from (api, kafka, session, interrupt)
 
 
 class State:
@@ -190,7 +191,12 @@ class State:
         return int(await self._session_cancel(keys=keys, args=args)) > 0
 
     async def stop_session(
-        self, session_id: str, before: str, user_id: str | None, enforce: bool
+        self,
+        session_id: str,
+        before: str,
+        user_id: str | None,
+        enforce: bool,
+        source: str = "session",
     ) -> list[str] | None:
         """A session-wide cancel read from Kafka (or a request's `if_busy: interrupt`): every
         message of the session created before `before` is cancelled, the open ones flagged
@@ -204,7 +210,7 @@ class State:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for message_id, _ in open_:
-                await self.mirror_cancel(pipe, session_id, message_id, user_id)
+                await self.mirror_cancel(pipe, session_id, message_id, user_id, source)
             results = await pipe.execute()
         return [m for (m, _), r in zip(open_, results, strict=True) if int(r) > 0]
 
@@ -219,9 +225,11 @@ class State:
         user_id: str | None = None,
         enforce: bool = False,
         instance_id: str = "",
+        source: str = "api",
     ) -> CancelAnswer:
         """`enforce`: only the message's sender may cancel it ("forbidden" otherwise).
-        `instance_id`: the api that took it (kept as `cancelled_by`)."""
+        `instance_id`: the api that took it (kept as `cancelled_by`); `source`: why (api,
+        session, interrupt), for the cancel metrics."""
         keys = [self.keys.msg(message_id), self.keys.cancel(session_id, message_id)]
         args: list[Arg] = [
             session_id,
@@ -230,6 +238,7 @@ class State:
             int(enforce),
             user_id or "",
             instance_id,
+            source,
         ]
         answer = _s(await self._cancel(keys=keys, args=args))
         assert answer in (
@@ -346,7 +355,12 @@ class State:
 
     # --- listener ----------------------------------------------------------------------
     async def mirror_cancel(
-        self, pipe: Pipeline, session_id: str, message_id: str, user_id: str | None = None
+        self,
+        pipe: Pipeline,
+        session_id: str,
+        message_id: str,
+        user_id: str | None = None,
+        source: str = "kafka",
     ) -> None:
         """Queue the flag of a cancel record on `pipe` (result: 1 set, 0 message already final,
         -1 forbidden: ownership enforced and `user_id` is not the message's sender)."""
@@ -361,6 +375,7 @@ class State:
             s.cancel_queued_ttl_s,
             int(s.ownership_enforced),
             user_id or "",
+            source,
         ]
         await self._mirror(keys=keys, args=args, client=pipe)
 
@@ -498,7 +513,7 @@ class State:
         raw = await self._finish(keys=keys, args=args)
         if _s(raw[0]) == "already":
             return Finish(_s(raw[1]), "", "", already=True)
-        return Finish(_s(raw[0]), _s(raw[1]), _s(raw[2]))
+        return Finish(_s(raw[0]), _s(raw[1]), _s(raw[2]), cancel_source=_s(raw[3]))
 
     def append(
         self, pipe: Pipeline, message_id: str, event: str, seq: int, data: dict[str, Any]

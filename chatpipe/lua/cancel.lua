@@ -1,11 +1,12 @@
--- The api's cancel. KEYS msg cancel ; ARGV session ttl queued_ttl enforce user instance
---   -> answer ('cancelled_by' records the api instance that took the first cancel)
+-- The api's cancel. KEYS msg cancel ; ARGV session ttl queued_ttl enforce user instance source
+--   -> answer ('cancelled_by' records the api instance that took the first cancel,
+--   'cancel_source' where it came from: api, session, interrupt)
 -- 'repeated': the message is cancelled already, or an earlier cancel of it was accepted (its
 -- flag is set again); the api publishes nothing again: a second record on chat.cancels could
 -- land after the tombstone and stay in the compacted topic)
 local msg_key, cancel_key = KEYS[1], KEYS[2]
 local session, cancel_ttl, queued_ttl, enforce, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local instance = ARGV[6]
+local instance, source = ARGV[6], ARGV[7]
 
 local state = redis.call('HGET', msg_key, 'state')
 if not state then return 'not_found' end
@@ -20,4 +21,5 @@ redis.call('SET', cancel_key, '1', 'EX', ttl)
 if asked then return 'repeated' end
 redis.call('HSET', msg_key, 'cancel_requested', '1')
 if instance and instance ~= '' then redis.call('HSET', msg_key, 'cancelled_by', instance) end
+if source and source ~= '' then redis.call('HSETNX', msg_key, 'cancel_source', source) end
 return 'cancelled'

@@ -66,6 +66,7 @@ if redis.call('EXISTS', cancel_key) == 1
    or redis.call('HGET', msg_key, 'cancel_requested') == '1'
    or (cancelled_before and created ~= '' and created < cancelled_before) then
   redis.call('HSET', msg_key, 'cancel_requested', '1')
+  redis.call('HSETNX', msg_key, 'cancel_source', 'session')  -- else a flag named it
   return {'cancel', restart, next_seq, epoch}
 end
 redis.call('HSET', msg_key, 'state', 'streaming', 'started', now)

@@ -7,7 +7,7 @@
 -- KEYS msg lease cancel active stream leases open history ; ARGV instance wanted reason seq
 --   final_ttl message_id now maxlen epoch lease_ms chunks message answer truncated
 --   history_max history_ttl completion_tokens prompt_tokens ('' unknown)
---   -> {final_state, reason, stream_id} | {'already', state}
+--   -> {final_state, reason, stream_id, cancel_source} | {'already', state}
 local msg_key, lease_key, cancel_key, active_key, stream_key, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local open_key, history_key = KEYS[7], KEYS[8]  -- the session's open messages (accept.lua), turns
 local instance, wanted, wanted_reason, seq, final_ttl, message_id, now, maxlen, epoch, lease_ms, chunks = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
@@ -52,4 +52,4 @@ if reason ~= '' then data['reason'] = reason end
 local id = redis.call('XADD', stream_key, 'MAXLEN', '~', maxlen, '*', 'e', 'done', 's', seq,
                       'd', cjson.encode(data))
 redis.call('EXPIRE', stream_key, final_ttl)
-return {final, reason, id}
+return {final, reason, id, redis.call('HGET', msg_key, 'cancel_source') or ''}

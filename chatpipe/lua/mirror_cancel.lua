@@ -2,10 +2,11 @@
 -- nobody has seen yet (a Spring frontend may cancel before its request is consumed).
 -- With ownership enforced (ARGV enforce = '1') a cancel from anyone but the message's sender
 -- (or, for a message not seen yet, the session's owner) changes nothing: -1.
--- KEYS msg cancel owner ; ARGV ttl queued_ttl enforce user
+-- `cancel_source` (ARGV source: kafka, session, interrupt) is where the first cancel came from.
+-- KEYS msg cancel owner ; ARGV ttl queued_ttl enforce user source
 --   -> 1 flag set | 0 message already final | -1 forbidden
 local msg_key, cancel_key, owner_key = KEYS[1], KEYS[2], KEYS[3]
-local cancel_ttl, queued_ttl, enforce, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local cancel_ttl, queued_ttl, enforce, user, source = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
 local state = redis.call('HGET', msg_key, 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' then return 0 end
@@ -25,5 +26,6 @@ redis.call('SET', cancel_key, '1', 'EX', ttl)
 -- lapses after its TTL); a message nobody has seen yet gets a hash of just this field, which
 -- its request (OBSERVE/ACCEPT) turns into a queued message that stays cancelled
 redis.call('HSET', msg_key, 'cancel_requested', '1')
+if source and source ~= '' then redis.call('HSETNX', msg_key, 'cancel_source', source) end
 if not state then redis.call('EXPIRE', msg_key, queued_ttl) end
 return 1

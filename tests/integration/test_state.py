@@ -326,7 +326,10 @@ async def test_mirror_cancel_flags_unknown_queued_and_streaming_messages(
     assert await mirror(state, "s-1", "m-s") == 1
     assert 0 < await redis.ttl(keys.cancel("s-1", "m-s")) <= 60
     # it invents no message: only the cancel, kept for when its request comes (as the flag)
-    assert await redis.hgetall(keys.msg("m-unknown")) == {b"cancel_requested": b"1"}
+    assert await redis.hgetall(keys.msg("m-unknown")) == {
+        b"cancel_requested": b"1",
+        b"cancel_source": b"kafka",  # for the cancel metrics, once it ends
+    }
     assert 7100 < await redis.ttl(keys.msg("m-unknown")) <= 7200
 
 
