@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     contract.add_argument("--dir", type=Path, default=None, help="default: docs/contract")
     args = parser.parse_args(argv)
     if args.command == "contract":
-        from chatpipe.contract import run
+        from chatpipe_contract import run
 
         return run(check_only=args.check, directory=args.dir)
     settings = Settings()

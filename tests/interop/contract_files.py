@@ -9,7 +9,7 @@ from typing import Any
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
-from chatpipe import contract
+import chatpipe_contract as contract
 
 DOCS = contract.default_dir()
 Json = dict[str, Any]

@@ -17,7 +17,7 @@ from jsonschema import Draft7Validator, Draft202012Validator  # type: ignore[imp
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from chatpipe import contract
+import chatpipe_contract as contract
 from chatpipe.cli import main as cli
 from chatpipe.keys import Keys
 from chatpipe.schemas import (
