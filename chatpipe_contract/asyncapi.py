@@ -25,12 +25,22 @@ from chatpipe_contract.messages import (
     Message,
     examples,
 )
+from chatpipe_contract.objects import (
+    Channel,
+    Components,
+    CorrelationId,
+    Document,
+    Info,
+    License,
+    MessageExample,
+    Operation,
+    Payload,
+    Ref,
+    Server,
+)
+from chatpipe_contract.objects import Message as AsyncMessage
 
 # --- AsyncAPI 3.0 ---------------------------------------------------------------------------
-
-
-def _ref(*path: str) -> Json:
-    return {"$ref": "#/" + "/".join(path)}
 
 
 def _headers(message: Message) -> Json:
@@ -78,7 +88,7 @@ def _example_headers(message: Message, spring: bool) -> dict[str, str]:
     return {k: v.decode() for k, v in headers_for(message.name, EXAMPLE_TRACEPARENT)}
 
 
-def _message(message: Message) -> Json:
+def _message(message: Message) -> AsyncMessage:
     key: Json = {"type": "string", "pattern": ID_PATTERN, "description": "session_id"}
     if message.name == "chat.session_cancel":
         key = {
@@ -93,65 +103,59 @@ def _message(message: Message) -> Json:
             "description": "`{session_id}:{message_id}`, in each id `%` written `%25` and `:` "
             "written `%3A` (an id without either is written as it is)",
         }
-    msg_examples = []
-    for i, (summary, payload) in enumerate(examples(message)):
-        spring = message.direction == "input" and i > 0
-        msg_examples.append(
-            {
-                "name": f"{message.component}{i + 1}",
-                "summary": summary,
-                "headers": _example_headers(message, spring),
-                "payload": payload,
-            }
+    msg_examples = [
+        MessageExample(
+            name=f"{message.component}{i + 1}",
+            summary=summary,
+            headers=_example_headers(message, message.direction == "input" and i > 0),
+            payload=payload,
         )
-    out: Json = {
-        "name": message.name,
-        "title": message.name,
-        "summary": message.summary,
-        "description": message.description,
-        "contentType": "application/json",
-        "headers": _headers(message),
-        "payload": {
-            "schemaFormat": PAYLOAD_SCHEMA_FORMAT,
-            "schema": {"$ref": f"./{message.file}"},
-        },
-        "bindings": {"kafka": {"key": key, "bindingVersion": KAFKA_BINDING_VERSION}},
-        "examples": msg_examples,
-    }
-    if "message_id" in message.model.model_fields:  # a session-wide cancel names no message
-        out["correlationId"] = _ref("components", "correlationIds", "messageId")
-    return out
+        for i, (summary, payload) in enumerate(examples(message))
+    ]
+    names_one = "message_id" in message.model.model_fields  # a session cancel names none
+    return AsyncMessage(
+        name=message.name,
+        title=message.name,
+        summary=message.summary,
+        description=message.description,
+        content_type="application/json",
+        headers=_headers(message),
+        payload=Payload(schema_format=PAYLOAD_SCHEMA_FORMAT, schema_={"$ref": f"./{message.file}"}),
+        correlation_id=Ref.to("components", "correlationIds", "messageId") if names_one else None,
+        bindings={"kafka": {"key": key, "bindingVersion": KAFKA_BINDING_VERSION}},
+        examples=msg_examples,
+    )
 
 
-def _tombstone() -> Json:
-    return {
-        "name": "chat.cancel tombstone",
-        "title": "chat.cancel tombstone",
-        "summary": "A null value: the message is final, its cancel can be compacted away.",
-        "description": "Written by the ai_consumer that finished the message, with the cancel's "
+def _tombstone() -> AsyncMessage:
+    return AsyncMessage(
+        name="chat.cancel tombstone",
+        title="chat.cancel tombstone",
+        summary="A null value: the message is final, its cancel can be compacted away.",
+        description="Written by the ai_consumer that finished the message, with the cancel's "
         "key and no headers. A Spring listener on chat.cancels receives a null payload "
         "(`@Payload(required = false)`).",
-        "payload": {"type": "null"},
-        "bindings": {
+        payload={"type": "null"},
+        bindings={
             "kafka": {
                 "key": {"type": "string", "pattern": CANCEL_KEY_PATTERN},
                 "bindingVersion": KAFKA_BINDING_VERSION,
             }
         },
-    }
+    )
 
 
-def _dead_letter() -> Json:
+def _dead_letter() -> AsyncMessage:
     text = {"type": "string"}
-    return {
-        "name": "dead letter",
-        "title": "chat.requests record that could not be read",
-        "summary": "The original key and value bytes, with the reason in headers.",
-        "description": "Written by the ai_consumer for a record on chat.requests that is not "
+    return AsyncMessage(
+        name="dead letter",
+        title="chat.requests record that could not be read",
+        summary="The original key and value bytes, with the reason in headers.",
+        description="Written by the ai_consumer for a record on chat.requests that is not "
         "UTF-8, not JSON, not an object, too large or invalid (the reason names the fields). "
         "The consumer goes on with the next record.",
-        "contentType": "application/octet-stream",
-        "headers": {
+        content_type="application/octet-stream",
+        headers={
             "type": "object",
             "properties": {
                 "dlq-reason": {**text, "description": "why, e.g. `invalid message_id: ...`"},
@@ -183,14 +187,14 @@ def _dead_letter() -> Json:
                 "dlq-source-offset",
             ],
         },
-        "payload": {"description": "the original value, unchanged (may be null)"},
-        "bindings": {
+        payload={"description": "the original value, unchanged (may be null)"},
+        bindings={
             "kafka": {
                 "key": {"type": "string", "description": "the original key"},
                 "bindingVersion": KAFKA_BINDING_VERSION,
             }
         },
-    }
+    )
 
 
 def _number(text: str) -> int | float | str:
@@ -301,63 +305,66 @@ _OPERATIONS: tuple[tuple[str, Literal["send", "receive"], str, str, Json | None]
 
 
 def asyncapi() -> Json:
-    """The AsyncAPI 3.0 document of contract v1."""
-    messages: Json = {m.component: _message(m) for m in MESSAGES}
+    """The AsyncAPI 3.0 document of contract v1 (typed: chatpipe_contract/objects.py)."""
+    messages = {m.component: _message(m) for m in MESSAGES}
     messages["chatCancelTombstone"] = _tombstone()
     messages["deadLetter"] = _dead_letter()
-    channels: Json = {}
-    for channel_id, topic, description, message_ids in _CHANNELS:
-        channels[channel_id] = {
-            "address": topic,
-            "title": topic,
-            "description": description + " Deployments may prefix the name (TOPIC_PREFIX).",
-            "messages": {mid: _ref("components", "messages", mid) for mid in message_ids},
-            "bindings": {"kafka": _topic_binding(topic)},
-        }
-    operations: Json = {}
-    for op_id, action, channel_id, description, group in _OPERATIONS:
-        op: Json = {
-            "action": action,
-            "channel": _ref("channels", channel_id),
-            "description": description,
-            "messages": [
-                _ref("channels", channel_id, "messages", mid)
-                for mid in channels[channel_id]["messages"]
+    channels = {
+        channel_id: Channel(
+            address=topic,
+            title=topic,
+            description=description + " Deployments may prefix the name (TOPIC_PREFIX).",
+            messages={mid: Ref.to("components", "messages", mid) for mid in message_ids},
+            bindings={"kafka": _topic_binding(topic)},
+        )
+        for channel_id, topic, description, message_ids in _CHANNELS
+    }
+    operations = {
+        op_id: Operation(
+            action=action,
+            channel=Ref.to("channels", channel_id),
+            description=description,
+            messages=[
+                Ref.to("channels", channel_id, "messages", mid)
+                for mid in channels[channel_id].messages
             ],
-        }
-        if group is not None:
-            op["bindings"] = {"kafka": {**group, "bindingVersion": KAFKA_BINDING_VERSION}}
-        operations[op_id] = op
-    return {
-        "asyncapi": ASYNCAPI_VERSION,
-        "info": {
-            "title": "chatpipe",
-            "version": CONTRACT_VERSION,
-            "description": "Kafka contract v1 of chatpipe: chat requests and cancels in, "
+            bindings=None
+            if group is None
+            else {"kafka": {**group, "bindingVersion": KAFKA_BINDING_VERSION}},
+        )
+        for op_id, action, channel_id, description, group in _OPERATIONS
+    }
+    document = Document(
+        asyncapi=ASYNCAPI_VERSION,
+        info=Info(
+            title="chatpipe",
+            version=CONTRACT_VERSION,
+            description="Kafka contract v1 of chatpipe: chat requests and cancels in, "
             "streamed answers out (design.md §2, docs/contract.md). Values are UTF-8 JSON "
             "objects with `schema_version` 1 and `type`; payload schemas are JSON Schema "
             "Draft 2020-12 files beside this document, generated from the pydantic models. "
             "Generated by `chatpipe contract`: do not edit.",
-            "license": {"name": "Apache-2.0"},
+            license=License(name="Apache-2.0"),
+        ),
+        default_content_type="application/json",
+        servers={
+            "local": Server(
+                host="localhost:9092",
+                protocol="kafka",
+                description="The local stack (`make stack-up`); KAFKA_BOOTSTRAP_SERVERS.",
+            )
         },
-        "defaultContentType": "application/json",
-        "servers": {
-            "local": {
-                "host": "localhost:9092",
-                "protocol": "kafka",
-                "description": "The local stack (`make stack-up`); KAFKA_BOOTSTRAP_SERVERS.",
-            }
-        },
-        "channels": channels,
-        "operations": operations,
-        "components": {
-            "messages": messages,
-            "correlationIds": {
-                "messageId": {
-                    "description": "One id per exchange: a request's message_id names its "
+        channels=channels,
+        operations=operations,
+        components=Components(
+            messages=messages,
+            correlation_ids={
+                "messageId": CorrelationId(
+                    description="One id per exchange: a request's message_id names its "
                     "cancel and every event of its answer.",
-                    "location": "$message.payload#/message_id",
-                }
+                    location="$message.payload#/message_id",
+                )
             },
-        },
-    }
+        ),
+    )
+    return document.dump()
