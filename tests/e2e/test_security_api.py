@@ -512,3 +512,13 @@ async def test_another_users_response_is_not_found_and_stays_as_it_is(as_user: C
 
     done = await apoll("Alice's response to complete", completed, within=30)
     assert done["output"][0]["content"][0]["text"]  # not cancelled by Mallory
+
+
+async def test_another_users_message_description_is_refused(as_user: Clients) -> None:
+    alice, mallory = as_user(new_user("alice")), as_user(new_user("m"))
+    accepted = await chat(alice[0], new_session(), options={"max_tokens": 2})
+    refused = await mallory[1].get(f"/api/chat/{accepted['message_id']}")
+    assert refused.status_code == 403, refused.text
+    mine = await alice[1].get(f"/api/chat/{accepted['message_id']}")
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["session_id"] == accepted["session_id"]
