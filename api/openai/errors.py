@@ -75,6 +75,7 @@ def validation_error(errors: Sequence[Any]) -> JSONResponse:
     """A body that does not validate: 400 naming the first parameter at fault."""
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [p for p in loc if not _union_branch(p)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     if first.get("type") == "missing":
@@ -83,3 +84,12 @@ def validation_error(errors: Sequence[Any]) -> JSONResponse:
         message = f"Invalid value for '{param}': {message}"
     code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
     return JSONResponse(error_body(400, message, param, code), status_code=400)
+
+
+TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _union_branch(part: str) -> bool:
+    """A part of a pydantic error location that names a union's branch (`str`,
+    `list[InputItem]`, `function-after[...]`), not a parameter."""
+    return part in TYPE_NAMES or "[" in part or part.startswith(("function-", "tagged-union"))

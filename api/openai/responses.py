@@ -35,7 +35,14 @@ from api.openai.completions import Answer, check_request, served_models
 from api.openai.errors import InvalidRequest
 from api.openai.schemas import ResponseRequest, item_text, response_unsupported
 from api.service import ChatService, Entry, NotFound
-from chatpipe.schemas import ID_PATTERN, CancelBody, ChatBody, ChatMessage, ChatOptions
+from chatpipe.schemas import (
+    ID_PATTERN,
+    MAX_MESSAGES,
+    CancelBody,
+    ChatBody,
+    ChatMessage,
+    ChatOptions,
+)
 from chatpipe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -236,6 +243,12 @@ class Responses:
             [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
         )
         messages = [*system, *earlier, *given]
+        if len(messages) > MAX_MESSAGES:  # a long chain of previous_response_id
+            raise InvalidRequest(
+                f"The conversation would hold {len(messages)} messages; at most "
+                f"{MAX_MESSAGES} (start a new one without previous_response_id).",
+                "previous_response_id" if earlier else "input",
+            )
         asked = Asked(
             id=f"resp_{uuid.uuid4().hex}",
             model=body.model,

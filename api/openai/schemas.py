@@ -8,7 +8,7 @@ docs/openai.md lists both.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -179,13 +179,16 @@ class InputItem(BaseModel):
     content: str | list[Part]
 
 
+MAX_INPUT = 1000  # messages in a request (chatpipe.schemas.MAX_MESSAGES, the record's bound)
+
+
 class ResponseRequest(BaseModel):
     """Body of `POST /v1/responses`."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=200)
-    input: str | list[InputItem]
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT)]
     instructions: str | None = Field(default=None, max_length=100_000)
     background: bool | None = False
     stream: bool | None = False

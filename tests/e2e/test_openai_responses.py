@@ -161,3 +161,10 @@ async def test_unknown_and_bad_responses_are_answered_the_openai_way(
             model=MODEL, input="x", tools=[{"type": "function", "name": "f", "parameters": {}}]
         )
     assert tools.value.param == "tools"
+    too_many = [{"role": "user", "content": "x"}] * 1001
+    with pytest.raises(openai.BadRequestError) as many:
+        await a.responses.create(model=MODEL, input=too_many)  # type: ignore[arg-type]
+    assert many.value.param == "input"
+    for bad_input in ("", [], [{"role": "assistant", "content": "no user"}]):
+        with pytest.raises(openai.BadRequestError):
+            await a.responses.create(model=MODEL, input=bad_input)  # type: ignore[arg-type]
