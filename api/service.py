@@ -93,6 +93,7 @@ class ChatService:
         self.metrics = metrics
         self.rate = rate
         self.streams = streams
+        self._background: set[asyncio.Task[None]] = set()  # cancel_later's tasks, kept alive
 
     def _enforce(self, caller: Principal | None) -> bool:
         """Ownership is checked for authenticated callers (AUTH_MODE on), unless turned off."""
@@ -238,21 +239,47 @@ class ChatService:
             user_id=user_id,
             reason=body.reason,
         )
+        # the Redis flag is set, and every streaming consumer checks it on every chunk
+        await self._publish_cancel(cancel, cancel_record_key(body.session_id, body.message_id), ids)
+        log.info("cancel accepted", extra=ids)
+        return answer
+
+    async def _publish_cancel(
+        self, record: ChatCancel | ChatSessionCancel, key: str, ids: dict[str, str]
+    ) -> None:
+        """Write a cancel record on chat.cancels; Kafka away is logged, not raised: Redis has
+        the cancel already (a flag, or the session's cancel time), which is what stops it."""
         try:
             await self._bounded(
                 "kafka",
                 self.producer.get().send_and_wait(
                     self.settings.cancels_topic,
-                    cancel.to_json(),
-                    key=cancel_record_key(body.session_id, body.message_id).encode(),
-                    headers=headers_for(cancel.type),
+                    record.to_json(),
+                    key=key.encode(),
+                    headers=headers_for(record.type),
                 ),
             )
         except Unavailable as e:
-            # the Redis flag is set, and every streaming consumer checks it on every chunk
-            log.warning("cancel flagged in Redis but not published: %s", e, extra=ids)
-        log.info("cancel accepted", extra=ids)
-        return answer
+            log.warning("cancel set in Redis but not published: %s", e, extra=ids)
+
+    def cancel_later(
+        self, session_id: str, message_id: str, caller: Principal | None, reason: str
+    ) -> None:
+        """Cancel a message in a task of its own (its client went away: the request's own task
+        is being cancelled, the cancel must still run to its end)."""
+        body = CancelBody(session_id=session_id, message_id=message_id, reason=reason)
+        ids = {"message_id": message_id, "session_id": session_id}
+
+        async def cancel() -> None:
+            try:
+                status = await self.cancel(body, caller)
+                log.info("%s: message %s", reason, status, extra=ids)
+            except Exception as e:
+                log.warning("could not cancel after %s: %s", reason, e, extra=ids)
+
+        task = asyncio.create_task(cancel(), name=f"cancel-later:{message_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def cancel_session(
         self,
@@ -284,18 +311,9 @@ class ChatService:
                 CancelBody(session_id=session_id, message_id=message_id), caller, source
             )
             (cancelled if answer == "cancelled" else ended).append(message_id)
-        try:
-            await self._bounded(
-                "kafka",
-                self.producer.get().send_and_wait(
-                    self.settings.cancels_topic,
-                    record.to_json(),
-                    key=session_cancel_record_key(session_id).encode(),
-                    headers=headers_for(record.type),
-                ),
-            )
-        except Unavailable as e:  # Redis has the session's cancel time: claims see it
-            log.warning("session cancel not published: %s", e, extra={"session_id": session_id})
+        await self._publish_cancel(
+            record, session_cancel_record_key(session_id), {"session_id": session_id}
+        )
         log.info(
             "session cancelled: %d stopped, %d had ended",
             len(cancelled),

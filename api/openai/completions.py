@@ -39,12 +39,13 @@ from api.openai.schemas import (
     unsupported,
 )
 from api.service import ChatService, Entry
-from chatpipe.schemas import ID_PATTERN, CancelBody, ChatBody, ChatMessage, ChatOptions
+from chatpipe.schemas import ID_PATTERN, ChatBody, ChatMessage, ChatOptions
 from chatpipe.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-chatpipe-session-id"
+GONE = "client disconnected"  # the reason of the cancel a client that left causes
 DISCONNECT_POLL_S = 0.25  # a non-streamed completion: how often the client's presence is checked
 
 
@@ -71,14 +72,14 @@ def chat_body(body: CompletionRequest, session_header: str | None, models: list[
     session_id = (body.metadata or {}).get("session_id") or session_header
     if session_id is None:
         session_id = f"oai-{uuid.uuid4().hex}"
-    elif not _valid_id(session_id):
+    elif not valid_id(session_id):
         raise InvalidRequest(
             "session_id must be 1-128 of A-Z a-z 0-9 _ . : @ -", "metadata.session_id"
         )
     messages = []
     for m in body.messages:
         role = "system" if m.role == "developer" else m.role
-        messages.append(ChatMessage(role=role, content=text_of(m)))
+        messages.append(ChatMessage(role=role, content=text_of(m.content)))
     if not messages[-1].content:
         raise InvalidRequest("The last user message is empty.", "messages")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -88,7 +89,8 @@ def chat_body(body: CompletionRequest, session_header: str | None, models: list[
     )
 
 
-def _valid_id(value: str) -> bool:
+def valid_id(value: str) -> bool:
+    """`value` is a contract id (chatpipe.schemas.ID_PATTERN)."""
     return re.fullmatch(ID_PATTERN, value) is not None
 
 
@@ -150,7 +152,6 @@ class Completions:
     def __init__(self, service: ChatService, settings: Settings) -> None:
         self.service = service
         self.settings = settings
-        self._cancels: set[asyncio.Task[None]] = set()
 
     @property
     def models(self) -> list[str]:
@@ -199,7 +200,9 @@ class Completions:
             elif answer.status is not None:
                 yield _data(self._chunk(answer, Delta(), finish="stop"))
                 if include_usage:
-                    usage = answer.usage(await self._counted(message_id), chat.messages or [])
+                    usage = answer.usage(
+                        await counted(self.service, message_id), chat.messages or []
+                    )
                     last = CompletionChunk(
                         id=answer.completion_id,
                         created=answer.created,
@@ -211,7 +214,7 @@ class Completions:
             yield b"data: [DONE]\n\n"
         finally:
             if answer.status is None:
-                self._cancel_gone(chat.session_id, message_id, caller)
+                self.service.cancel_later(chat.session_id, message_id, caller, GONE)
 
     async def whole(
         self,
@@ -244,7 +247,7 @@ class Completions:
         finally:
             if answer.status is None:
                 reading.cancel()
-                self._cancel_gone(chat.session_id, message_id, caller)
+                self.service.cancel_later(chat.session_id, message_id, caller, GONE)
         if answer.status == "failed":
             raise UpstreamFailed(f"the answer failed: {answer.reason or 'unknown'}")
         return Completion(
@@ -254,16 +257,8 @@ class Completions:
             choices=[
                 Choice(message=AnswerMessage(content="".join(answer.text)), finish_reason="stop")
             ],
-            usage=answer.usage(await self._counted(message_id), chat.messages or []),
+            usage=answer.usage(await counted(self.service, message_id), chat.messages or []),
         )
-
-    async def _counted(self, message_id: str) -> dict[str, str]:
-        """The message's state hash (its token counts), {} when Redis cannot say now."""
-        try:
-            return await self.service.state.message(message_id)
-        except Exception as e:  # the answer is complete; its usage falls back to counting
-            log.warning("token counts unavailable: %s", e, extra={"message_id": message_id})
-            return {}
 
     def _chunk(self, answer: Answer, delta: Delta, finish: str | None = None) -> dict[str, object]:
         chunk = CompletionChunk(
@@ -274,29 +269,15 @@ class Completions:
         )
         return chunk.model_dump(mode="json", exclude_none=False)
 
-    def _cancel_gone(self, session_id: str, message_id: str, caller: Principal | None) -> None:
-        """The client left before the end: cancel the message (in a task of its own, so it
-        runs to its end although the request's own task is being cancelled)."""
-        body = CancelBody(
-            session_id=session_id, message_id=message_id, reason="client disconnected"
-        )
 
-        async def cancel() -> None:
-            try:
-                status = await self.service.cancel(body, caller)
-                log.info(
-                    "client disconnected: message %s",
-                    status,
-                    extra={"message_id": message_id, "session_id": session_id},
-                )
-            except Exception as e:
-                log.warning(
-                    "could not cancel after a disconnect: %s", e, extra={"message_id": message_id}
-                )
-
-        task = asyncio.create_task(cancel(), name=f"cancel-gone:{message_id}")
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+async def counted(service: ChatService, message_id: str) -> dict[str, str]:
+    """The message's state hash (its token counts), {} when Redis cannot say now: the answer
+    is complete, its usage then falls back to counting."""
+    try:
+        return await service.state.message(message_id)
+    except Exception as e:
+        log.warning("token counts unavailable: %s", e, extra={"message_id": message_id})
+        return {}
 
 
 def _data(obj: object) -> bytes:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -31,12 +30,18 @@ import orjson
 
 from api.auth import Forbidden, Principal
 from api.limits import Slot
-from api.openai.completions import Answer, check_request, served_models
+from api.openai.completions import (
+    GONE,
+    Answer,
+    check_request,
+    counted,
+    served_models,
+    valid_id,
+)
 from api.openai.errors import InvalidRequest
-from api.openai.schemas import ResponseRequest, item_text, response_unsupported
+from api.openai.schemas import ResponseRequest, response_unsupported, text_of
 from api.service import ChatService, Entry, NotFound
 from chatpipe.schemas import (
-    ID_PATTERN,
     MAX_MESSAGES,
     CancelBody,
     ChatBody,
@@ -210,7 +215,6 @@ class Responses:
     def __init__(self, service: ChatService, settings: Settings) -> None:
         self.service = service
         self.settings = settings
-        self._cancels: set[asyncio.Task[None]] = set()
 
     # --- create --------------------------------------------------------------------------
     async def create(
@@ -225,14 +229,14 @@ class Responses:
             session_id = previous.session_id
             earlier = [m for m in previous.messages if m.role != "system"]  # not carried over
             earlier.append(ChatMessage(role="assistant", content=await self._text(previous)))
-        if not re.fullmatch(ID_PATTERN, session_id):
+        if not valid_id(session_id):
             raise InvalidRequest("session_id must be 1-128 of A-Z a-z 0-9 _ . : @ -", "metadata")
         given = (
             [ChatMessage(role="user", content=body.input)]
             if isinstance(body.input, str)
             else [
                 ChatMessage(
-                    role="system" if i.role == "developer" else i.role, content=item_text(i)
+                    role="system" if i.role == "developer" else i.role, content=text_of(i.content)
                 )
                 for i in body.input
             ]
@@ -342,8 +346,8 @@ class Responses:
                 async for batch in batches:
                     out = [e for e in events.feed(batch) if e["sequence_number"] > after]
                     if events.answer.status is not None:
-                        counted = await self.service.state.message(asked.id)
-                        out += [e for e in events.closing(counted) if e["sequence_number"] > after]
+                        tokens = await counted(self.service, asked.id)
+                        out += [e for e in events.closing(tokens) if e["sequence_number"] > after]
                         ended = True
                     if out:
                         yield _sse(out)
@@ -351,7 +355,7 @@ class Responses:
                         break
         finally:
             if not ended and not asked.background:
-                self._cancel_gone(asked)
+                self.service.cancel_later(asked.session_id, asked.id, caller, GONE)
 
     async def wait_final(self, asked: Asked, caller: Principal | None) -> Json:
         """The response once it has ended (a foreground `stream: false` request)."""
@@ -384,17 +388,6 @@ class Responses:
                     break
                 await asyncio.sleep(0.02)
         return await self.retrieve(response_id, caller)
-
-    def _cancel_gone(self, asked: Asked) -> None:
-        body = CancelBody(session_id=asked.session_id, message_id=asked.id, reason="client gone")
-
-        async def cancel() -> None:
-            with contextlib.suppress(Exception):
-                await self.service.cancel(body)
-
-        task = asyncio.create_task(cancel(), name=f"cancel-gone:{asked.id}")
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
 
 
 class ResponseNotFound(NotFound):
