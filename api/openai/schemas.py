@@ -92,11 +92,11 @@ def unsupported(body: CompletionRequest) -> tuple[str, str] | None:
     return None
 
 
-def text_of(message: Message) -> str:
+def text_of(content: str | list[Part] | None) -> str:
     """A message's content as one text (its text parts joined)."""
-    if isinstance(message.content, list):
-        return "".join(part.text or "" for part in message.content)
-    return message.content or ""
+    if isinstance(content, list):
+        return "".join(part.text or "" for part in content)
+    return content or ""
 
 
 class CompletionUsage(BaseModel):
@@ -226,9 +226,3 @@ def response_unsupported(body: ResponseRequest) -> tuple[str, str] | None:
                     if part.type not in ("input_text", "output_text", "text"):
                         return f"input[{i}].content", f"{part.type} content is not supported"
     return None
-
-
-def item_text(item: InputItem) -> str:
-    if isinstance(item.content, list):
-        return "".join(part.text or "" for part in item.content)
-    return item.content

@@ -30,6 +30,19 @@ def of_message(events: list[Event], message_id: str) -> list[Event]:
     return [e for e in events if e.get("message_id") == message_id]
 
 
+async def reader(settings: Settings) -> AIOKafkaConsumer:
+    """A started consumer without a group that reads from the beginning (the caller stops it)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=100,
+    )
+    await consumer.start()
+    return consumer
+
+
 async def read_responses(
     settings: Settings,
     keys: Collection[str],
@@ -41,14 +54,7 @@ async def read_responses(
     `within` seconds), then on up to the end offsets of that moment, so a second terminal event that
     is already in the topic is seen too."""
     wanted = {k.encode() for k in keys}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
+    consumer = await reader(settings)
     events: list[Event] = []
 
     def take(batch: dict[TopicPartition, list[Any]]) -> None:
@@ -92,14 +98,7 @@ async def read_responses(
 async def latest_cancels(settings: Settings, within: float = 20.0) -> dict[str, bytes | None]:
     """The latest value of each key on chat.cancels (None: a tombstone), read from the
     beginning up to the end offsets of now: what the compacted topic will keep."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
+    consumer = await reader(settings)
     latest: dict[str, bytes | None] = {}
     try:
         parts = [
