@@ -102,6 +102,10 @@ class Actual:
 
 
 async def _actual(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, Actual]:
+    """The topics of `names` that the brokers both list and describe the configs of. On a
+    cluster, a topic just created is listed by one broker and not yet known to the one that
+    answers describe_configs (UNKNOWN_TOPIC_OR_PARTITION, no configs): it counts as not there
+    yet, rather than as a topic with none of our configs (a false drift)."""
     meta = await admin.describe_topics(names)
     found = {t["topic"]: t["partitions"] for t in meta if t["error_code"] == 0}
     if not found:
@@ -113,15 +117,16 @@ async def _actual(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, Act
     for response in responses:
         for resource in response.resources:
             # (error_code, error_message, resource_type, resource_name, config_entries)
-            entries = resource[4]
-            configs[resource[3]] = {e[0]: e[1] for e in entries}
+            if resource[0] == 0:
+                configs[resource[3]] = {e[0]: e[1] for e in resource[4]}
     return {
         name: Actual(
             len(parts),
-            configs.get(name, {}),
+            configs[name],
             min((len(p["replicas"]) for p in parts), default=0),
         )
         for name, parts in found.items()
+        if name in configs
     }
 
 

@@ -1,0 +1,42 @@
+"""What the brokers of the cluster stack say, through the admin client: who leads which
+partition, which replicas are in sync. cluster.sh names broker `node.id` N `kafka-N`."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient
+
+from chatpipe.clients import make_admin
+from chatpipe.settings import Settings
+
+
+def node_name(broker_id: int) -> str:
+    """The cluster.sh node of a broker id (`node.id`)."""
+    return f"kafka-{broker_id}"
+
+
+@contextlib.asynccontextmanager
+async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def partitions(admin: AIOKafkaAdminClient, topics: Collection[str]) -> list[dict[str, Any]]:
+    """Every partition of `topics` as the brokers describe it (leader, replicas, isr)."""
+    found = await admin.describe_topics(list(topics))
+    missing = [t["topic"] for t in found if t["error_code"] != 0]
+    assert not missing, f"topics not described: {missing}"
+    return [p for t in found for p in t["partitions"]]
+
+
+async def leaders(admin: AIOKafkaAdminClient, topic: str) -> collections.Counter[int]:
+    """How many partitions of `topic` each broker leads."""
+    return collections.Counter(p["leader"] for p in await partitions(admin, [topic]))
