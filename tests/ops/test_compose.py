@@ -56,6 +56,23 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in env.items()}
 
 
+def kafka_services(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The Kafka brokers of a file (the apache/kafka image)."""
+    return {
+        name: service
+        for name, service in data["services"].items()
+        if str(service.get("image", "")).startswith("apache/kafka:")
+    }
+
+
+def internal_listener(broker: dict[str, Any]) -> str:
+    """host:port where the other containers reach a broker (its INTERNAL listener)."""
+    advertised = environment(broker)["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    found = [a.removeprefix("INTERNAL://") for a in advertised if a.startswith("INTERNAL://")]
+    assert len(found) == 1, advertised
+    return found[0]
+
+
 def chatpipe_services(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The services that run a chatpipe process (python -m api|ai_consumer|cancel_listener)."""
     out = {}
@@ -101,14 +118,17 @@ def test_references_settings_and_paths_hold(path: Path) -> None:
             if source.startswith("."):
                 assert (path.parent / source).exists(), f"{name}: mounts missing {source}"
     settings = {field.upper() for field in Settings.model_fields}
+    brokers = {internal_listener(b) for b in kafka_services(data).values()}
+    assert brokers, "no Kafka broker"
     ids = []
     for name, service in chatpipe_services(data).items():
         env = environment(service)
         unknown = {k for k in env if k not in settings and not FOREIGN.match(k)}
         assert not unknown, f"{name} sets variables chatpipe does not read: {sorted(unknown)}"
-        assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:29092", name
+        # every broker of the file (any one is enough to start; a dead one is skipped)
+        assert set(env["KAFKA_BOOTSTRAP_SERVERS"].split(",")) == brokers, name
         assert env["REDIS_URL"].startswith("redis://redis:"), name
-        assert {"kafka", "redis", "topics"} & set(service.get("depends_on") or {}), name
+        assert {"redis", "topics"} & set(service.get("depends_on") or {}), name
         if "INSTANCE_ID" in env:
             ids.append(env["INSTANCE_ID"])
     assert len(ids) == len(set(ids)), f"instance ids reused: {ids}"
@@ -142,3 +162,71 @@ def test_multi_node_compose_runs_several_instances_behind_nginx() -> None:
         env = environment(services[name])
         assert int(env["METRICS_PORT"]) > 0
         assert env["METRICS_HOST"] == "0.0.0.0"
+
+
+def test_multi_node_compose_runs_three_brokers_keeping_every_topic_on_all_three() -> None:
+    data = load(INFRA / "docker-compose.multi.yml")
+    brokers = kafka_services(data)
+    assert len(brokers) == 3
+    envs = {name: environment(b) for name, b in brokers.items()}
+    # one KRaft cluster: one id, distinct node ids, each a broker and one of 3 voters
+    assert len({env["CLUSTER_ID"] for env in envs.values()}) == 1
+    node_ids = {name: env["KAFKA_NODE_ID"] for name, env in envs.items()}
+    assert sorted(node_ids.values()) == ["1", "2", "3"]
+    for name, env in envs.items():
+        assert env["KAFKA_PROCESS_ROLES"] == "broker,controller", name
+        voters = set(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(","))
+        assert voters == {f"{node_ids[n]}@{n}:9093" for n in brokers}, name
+        assert "CONTROLLER://:9093" in env["KAFKA_LISTENERS"].split(","), name
+        # every topic on all three brokers, two in sync for a write: the internal ones too
+        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3", name
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2", name
+        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3", name
+        assert env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "3", name
+        assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "2", name
+        assert env["KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR"] == "3", name
+        assert env["KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR"] == "2", name
+        assert internal_listener(brokers[name]).startswith(f"{name}:"), name
+        assert brokers[name]["healthcheck"], name
+    # each its own data and its own port on the host
+    volumes = [v.split(":", 1)[0] for b in brokers.values() for v in b["volumes"]]
+    assert len(set(volumes)) == 3
+    published = [p.split(":", 1)[0] for b in brokers.values() for p in b["ports"]]
+    assert len(set(published)) == 3
+    # chatpipe's topics: RF 3, min ISR 2, created once all three brokers answer
+    topics = data["services"]["topics"]
+    assert topics["command"] == ["chatpipe", "topics"]
+    env = environment(topics)
+    assert (env["TOPIC_REPLICATION_FACTOR"], env["TOPIC_MIN_INSYNC_REPLICAS"]) == ("3", "2")
+    depends = topics["depends_on"]
+    assert {n: depends[n]["condition"] for n in brokers} == dict.fromkeys(
+        brokers, "service_healthy"
+    )
+
+
+def test_multi_node_compose_defines_a_redis_cluster_of_three_primaries_and_three_replicas() -> None:
+    data = load(INFRA / "docker-compose.multi.yml")
+    services = data["services"]
+    nodes = {
+        name: s
+        for name, s in services.items()
+        if "--cluster-enabled yes" in " ".join(map(str, s.get("command") or []))
+    }
+    assert len(nodes) == 6
+    for name, node in nodes.items():
+        assert node["hostname"] == name
+        assert "--appendonly yes" in " ".join(node["command"]), name
+        assert len(node["volumes"]) == 1, name
+    create = services["redis-cluster-create"]
+    script = " ".join(create["command"])
+    assert "redis-cli --cluster create" in script
+    assert "--cluster-replicas 1" in script  # 6 nodes: 3 primaries, each with a replica
+    assert {n for n in nodes if f"{n}:6379" in script} == set(nodes)
+    assert "cluster_state:ok" in script  # made once; a no-op on the next `up`
+    assert set(create["depends_on"]) == set(nodes)
+    # the processes use a Redis that `up` starts; REDIS_CLUSTER=true goes with a cluster node
+    for name, service in chatpipe_services(data).items():
+        env = environment(service)
+        host = env["REDIS_URL"].removeprefix("redis://").split(":", 1)[0]
+        assert "profiles" not in services[host], f"{name}: REDIS_URL on a service off by default"
+        assert (env.get("REDIS_CLUSTER", "false") == "true") == (host in nodes), name
