@@ -28,7 +28,7 @@ STACK_ENV := KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) REDIS_URL=redis://1
 
 .PHONY: help install stack-up stack-down stack-status stack-logs stack-wipe topics dev \
 	cluster-up cluster-down cluster-status cluster-wipe \
-	test test-unit test-security lint format typecheck bench bench-smoke clean
+	test test-cluster test-unit test-security lint format typecheck bench bench-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -69,9 +69,17 @@ topics:  ## create the topics (partitions, configs) on the local stack
 dev: install  ## everything, then run api + consumers + cancel listener locally
 	$(STACK_ENV) $(CHATPIPE) dev
 
-test: install stack-up  ## the whole suite against the local stack (which stays up)
+test: install stack-up  ## the whole suite against the local stack (which stays up), then test-cluster
 	$(STACK_ENV) $(CHATPIPE) topics
 	$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory test-cluster)
+
+# the contract's end-to-end tests again, with every chatpipe process on the cluster stack:
+# 3 Kafka brokers and a Redis Cluster (REDIS_CLUSTER=true), from cluster.sh's last line
+CLUSTER_TESTS ?= tests/e2e/test_cancel.py tests/e2e/test_stream.py tests/e2e/test_dead_letters.py \
+	tests/e2e/test_bad_input.py tests/e2e/test_sessions.py
+test-cluster: cluster-up  ## the contract e2e tests on the cluster stack (3 brokers + Redis Cluster)
+	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(CLUSTER_TESTS) $(PYTEST_ARGS)
 
 test-unit:  ## unit tests only: no services needed
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)

@@ -142,10 +142,8 @@ class Handler:
         """End `req` as `failed` from wherever it stopped (its next seq read from its stream).
         Returns the final state, or `skipped` when it was final already or another instance
         owns it."""
-        last = await self.state.redis.xrevrange(self.state.keys.stream(req.message_id), count=1)
-        fields = last[0][1] if last else None
-        seq = int(fields[b"s"]) + 1 if fields else 0
-        answer = await self.state.answer_so_far(req.message_id) if fields else ""
+        seq = await self.state.next_seq(req.session_id, req.message_id)
+        answer = await self.state.answer_so_far(req.session_id, req.message_id) if seq else ""
         return await self._finish(req, None, "failed", reason, seq, traceparent, answer=answer)
 
     async def _handle(self, req: ChatRequest, traceparent: str | None, takeover: bool) -> str:
@@ -395,7 +393,7 @@ class Handler:
         delay = 0.1
         for attempt in range(8):
             try:
-                await self.state.published(req.message_id, self.instance_id)
+                await self.state.published(req.session_id, req.message_id, self.instance_id)
                 return
             except RedisError as e:
                 log.warning(

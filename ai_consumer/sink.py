@@ -27,6 +27,7 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -39,6 +40,12 @@ from chatpipe.settings import Settings
 from chatpipe.state import State
 
 log = logging.getLogger(__name__)
+
+# Redis errors after which a batch is sent again (WRITE skips what Redis holds already): the
+# server unreachable, or a Redis Cluster without a primary for a slot for the moment (a
+# replica being promoted answers CLUSTERDOWN / TRYAGAIN until the failover completes; the
+# script did not run)
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
 
 
 @dataclass(slots=True)
@@ -190,15 +197,16 @@ class Sink:
 
     async def _write_retrying(self, batch: list[Outgoing]) -> list[Any]:
         """The batch's writes, sent again while Redis is unreachable for up to
-        SINK_REDIS_RETRY_S (a failover, a proxy restart, a reset connection: the streams pause
-        and go on). Sending again is safe: WRITE skips the events Redis already holds."""
+        SINK_REDIS_RETRY_S (a failover, a proxy restart, a reset connection, a cluster down
+        while a replica is promoted: the streams pause and go on). Sending again is safe: WRITE
+        skips the events Redis already holds."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._retry_s
         delay = 0.05
         while True:
             try:
                 return await self._write(batch)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except TRANSIENT as e:
                 if loop.time() + delay > give_up:
                     raise
                 self.metrics.sink_redis_retries.inc()
@@ -292,7 +300,7 @@ class Sink:
         always leave. Fresh batches cost nothing here."""
         now = asyncio.get_running_loop().time()
         stale = {
-            (r.message_id, r.epoch)
+            (r.key.decode(), r.message_id, r.epoch)
             for r in records
             if r.epoch and r.delivered is None and now - r.checked_at > self._recheck_s
         }
@@ -305,7 +313,7 @@ class Sink:
             return records
         if not lost:
             return records
-        kept = [r for r in records if (r.message_id, r.epoch) not in lost]
+        kept = [r for r in records if (r.key.decode(), r.message_id, r.epoch) not in lost]
         self.metrics.fenced_writes.inc(len(records) - len(kept))
         return kept
 
@@ -341,7 +349,7 @@ class Sink:
 
 @dataclass(slots=True)
 class _Record:
-    key: bytes
+    key: bytes  # the session id
     value: bytes
     headers: list[tuple[str, bytes]]
     delivered: asyncio.Future[None] | None = None

@@ -12,6 +12,13 @@ within about `LEASE_MS` of the kill.
 When the partition's new owner gets the Kafka record later, its claim finds the message owned
 by the taker (it waits, then skips it as final) or final already; per-session order holds,
 since the session's next messages are behind that record on the partition.
+
+A lease also lapses when its owner is alive but could not reach Redis: a failover longer than
+`LEASE_MS` (a Redis Cluster promoting a replica takes its node timeout and more), and on a
+cluster a refresh of leases in several slots fails whole while one of their primaries is
+away. So after a scan Redis did not answer, none is taken over until Redis has answered for
+one `LEASE_MS`: every owner still alive re-takes its own lease meanwhile (REFRESH, every third
+of a lease), and only the leases of dead owners are left to take.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 
 from ai_consumer.handler import Handler
 from ai_consumer.registry import Registry
@@ -46,6 +54,7 @@ class Takeover:
         self.registry = registry
         self.metrics = metrics
         self.interval_s = settings.takeover_interval_ms / 1000
+        self.settle_s = settings.lease_ms / 1000  # no takeover this long after Redis was away
         self.max_streams = settings.max_concurrent_streams
         self._tasks: dict[str, asyncio.Task[str]] = {}
 
@@ -57,28 +66,53 @@ class Takeover:
         await self.stop(grace_s)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Look for lapsed leases every interval until `stopping` is set."""
+        """Look for lapsed leases every interval until `stopping` is set. None is taken over
+        until Redis has answered promptly for `settle_s` (see above): after a lookup that
+        failed, or one that took longer than half of it (redis-py retrying a lost node)."""
+        loop = asyncio.get_running_loop()
+        answering_since = -math.inf  # when Redis last came back
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval_s):
                     await stopping.wait()
             if stopping.is_set():
                 return
+            asked = loop.time()
             try:
-                await self.scan()
+                lapsed = await self.lapsed()
             except Exception as e:  # Redis away: the next round tries again
+                answering_since = math.inf
+                log.warning("takeover scan failed: %s", e)
+                continue
+            now = loop.time()
+            if answering_since > now or now - asked > self.settle_s / 2:
+                answering_since = now
+            if now - answering_since < self.settle_s:
+                continue  # its owners may be re-taking these leases right now
+            try:
+                await self.take(lapsed)
+            except Exception as e:
                 log.warning("takeover scan failed: %s", e)
 
     async def scan(self) -> int:
         """Take over the lapsed messages there is room for. Returns how many were started."""
+        return await self.take(await self.lapsed())
+
+    async def lapsed(self) -> list[tuple[str, str]]:
+        """The messages (session_id, message_id) whose lease lapsed, as many as there is room
+        for (Redis is asked also without room: `run` learns whether it answers)."""
         room = self.max_streams - len(self.registry.running)
-        if room <= 0:
-            return 0
+        return await self.state.lapsed(max(room, 1))
+
+    async def take(self, lapsed: list[tuple[str, str]]) -> int:
+        """Take over `lapsed` (those not ours already) while there is room. Returns how many
+        were started."""
+        room = self.max_streams - len(self.registry.running)
         started = 0
-        for message_id in await self.state.lapsed(room):
+        for session_id, message_id in lapsed[: max(room, 0)]:
             if message_id in self.registry.running or message_id in self._tasks:
                 continue
-            raw = await self.state.takeover_request(message_id)
+            raw = await self.state.takeover_request(session_id, message_id)
             if raw is None:
                 continue
             try:

@@ -33,7 +33,7 @@ from chatpipe.errors import InvalidRecord, Retry
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatRequest, rfc3339
 from chatpipe.settings import Settings
-from chatpipe.state import State
+from chatpipe.state import OBSERVES_QUEUED, State
 from chatpipe.unreadable import DECODE_ERRORS, isolate
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,8 @@ class Worker:
         handed = list(self.registry.running.values())
         await self.lanes.cancel_all()
         if handed:
-            keys = [self.state.keys.lease(s.message_id) for s in handed]
             try:
-                await self.state.redis.delete(*keys)
+                await self.state.release_leases([(s.session_id, s.message_id) for s in handed])
             except RedisError as e:
                 log.warning(
                     "could not release leases (they lapse in %d ms): %s", self.settings.lease_ms, e
@@ -231,6 +230,8 @@ class Worker:
                             reject_if_busy=r.if_busy == "reject",
                         )
                     answers = await pipe.execute()
+                # State.observe queues OBSERVES_QUEUED commands a request; its answer is the last
+                answers = answers[OBSERVES_QUEUED - 1 :: OBSERVES_QUEUED]
                 for w, answer in zip(works, answers, strict=True):
                     await self._if_busy(w, answer.decode() if isinstance(answer, bytes) else answer)
                 return

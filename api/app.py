@@ -91,7 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         redis = make_redis(settings)
-        reader = make_redis(settings, max_connections=2, socket_timeout=30)  # > XREAD BLOCK
+        # the hub's blocking reads: one at a time on a single Redis, one per bucket on a cluster
+        readers = settings.redis_key_buckets + 1 if settings.redis_cluster else 2
+        reader = make_redis(settings, max_connections=readers, socket_timeout=30)  # > XREAD BLOCK
         producer = ProducerHandle(
             lambda: make_producer(
                 settings, request_timeout_ms=int(settings.api_kafka_timeout_s * 1000)
@@ -106,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics,
             settings.sse_client_queue,
             read_interval_s=settings.sse_read_interval_ms / 1000,
+            per_bucket=settings.redis_cluster,
         )
         hub.start()
         app.state.settings = settings

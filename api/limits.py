@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from chatpipe.errors import ChatpipeError
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
+from chatpipe.scripts import register
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class RateLimiter:
         self.keys = keys
         self.per_minute = per_minute
         self.metrics = metrics
-        self._rate = redis.register_script(RATE)
+        self._rate = register(redis, RATE)
 
     async def hit(self, user_id: str) -> None:
         if self.per_minute <= 0:
@@ -134,8 +135,8 @@ class StreamLimits:
     _task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
-        self._acquire = self.redis.register_script(ACQUIRE)
-        self._refresh = self.redis.register_script(REFRESH)
+        self._acquire = register(self.redis, ACQUIRE)
+        self._refresh = register(self.redis, REFRESH)
 
     async def acquire(self, user_id: str | None) -> Slot:
         if self.max_connections > 0 and self.open >= self.max_connections:
@@ -188,10 +189,15 @@ class StreamLimits:
             slots = [s for s in self.held.values() if s.user_id is not None]
             if not slots:
                 continue
-            keys = [self.keys.stream_slots(s.user_id or "") for s in slots]
-            try:
-                await self._refresh(
-                    keys=keys, args=[self.slot_ttl_s * 1000, *(s.member for s in slots)]
-                )
+            by_user: dict[str, list[str]] = {}
+            for s in slots:
+                by_user.setdefault(s.user_id or "", []).append(s.member)
+            try:  # one script per user: each user's key is in a slot of its own
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for user_id, members in by_user.items():
+                        keys = [self.keys.stream_slots(user_id)] * len(members)
+                        args: list[str | int] = [self.slot_ttl_s * 1000, *members]
+                        await self._refresh(keys=keys, args=args, client=pipe)
+                    await pipe.execute()
             except Exception as e:
                 log.warning("could not refresh stream slots: %s", e)

@@ -17,6 +17,7 @@ import orjson
 from api.auth import Forbidden, Principal
 from api.hub import Hub, parse_client_id, parse_id
 from api.limits import RateLimiter, Slot, StreamLimits
+from chatpipe import entries as stream_entries
 from chatpipe.clients import ProducerHandle
 from chatpipe.codec import headers_for
 from chatpipe.errors import ChatpipeError, Unavailable
@@ -358,7 +359,7 @@ class ChatService:
         wait = self.settings.session_delete_wait_s
         deadline = time.monotonic() + wait
         while await self._bounded("redis", self.state.open_messages(session_id)) or not (
-            await self._bounded("redis", self.state.settled(stopped))
+            await self._bounded("redis", self.state.settled(session_id, stopped))
         ):
             if time.monotonic() >= deadline:
                 raise Unavailable(
@@ -369,7 +370,7 @@ class ChatService:
     async def describe(self, message_id: str, caller: Principal | None) -> MessageInfo:
         """Who did what for one message: the api that served its stream last, the one that
         took its cancel, the ai_consumer that generated it (the demo page shows them)."""
-        fields = await self._bounded("redis", self.state.message(message_id))
+        fields = await self._bounded("redis", self.message(message_id))
         if not fields or fields.get("state") == "withdrawn":
             raise NotFound(f"no message {message_id}")
         if self._enforce(caller) and caller is not None and fields.get("user") != caller.user_id:
@@ -485,10 +486,12 @@ class ChatService:
         caller: Principal | None,
         slot: Slot | None,
     ) -> tuple[Any, Slot]:
-        if not await self._bounded("redis", self._wait_exists(message_id)):
+        session_id = await self._bounded("redis", self._wait_exists(message_id))
+        if session_id is None:
             raise NotFound(f"no message {message_id}")
         if caller is not None and self._enforce(caller):
-            owner = (await self._bounded("redis", self.state.message(message_id))).get("user")
+            fields = await self._bounded("redis", self.state.message(session_id, message_id))
+            owner = fields.get("user")
             if owner != caller.user_id:
                 self.metrics.forbidden.labels("api_stream").inc()
                 log.warning(
@@ -498,22 +501,31 @@ class ChatService:
         if slot is None:
             slot = await self.take_slot(caller)
         try:
-            await self._bounded("redis", self.state.served(message_id, self.settings.instance_id))
-            sub = await self._bounded("redis", self.hub.subscribe(message_id, after))
+            served = self.state.served(session_id, message_id, self.settings.instance_id)
+            await self._bounded("redis", served)
+            sub = await self._bounded("redis", self.hub.subscribe(session_id, message_id, after))
         except BaseException:
             await slot.release()
             raise
         return sub, slot
 
-    async def _wait_exists(self, message_id: str) -> bool:
+    async def _wait_exists(self, message_id: str) -> str | None:
+        """The session of the message once Redis knows it (waiting SSE_UNKNOWN_GRACE_MS for
+        one produced straight to Kafka), or None."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.sse_unknown_grace_ms / 1000
         while True:
-            if await self.state.exists(message_id):
-                return True
+            session_id = await self.state.locate(message_id)
+            if session_id is not None and await self.state.exists(session_id, message_id):
+                return session_id
             if loop.time() >= deadline:
-                return False
+                return None
             await asyncio.sleep(0.05)
+
+    async def message(self, message_id: str) -> dict[str, str]:
+        """The state hash of a message named by its id alone ({} when Redis does not know it)."""
+        session_id = await self.state.locate(message_id)
+        return {} if session_id is None else await self.state.message(session_id, message_id)
 
     async def _events(self, sub: Any, slot: Slot) -> AsyncIterator[bytes]:
         """The SSE text of the message's events, encoded here once (`id`, `event`, `data`, as
@@ -561,14 +573,14 @@ class ChatService:
                     if sid <= last:
                         continue
                     last = sid
-                    event = fields.get(b"e", b"")
+                    event = stream_entries.event_of(fields)
                     if event == b"started":
                         continue  # on chat.responses only; SSE readers see chunk/restart/done
                     counter = counters.get(event)
                     if counter is None:
                         counter = counters[event] = self.metrics.sse_events.labels(event.decode())
                     counter.inc()
-                    out.append((entry_id.encode(), event, fields.get(b"d", b"{}")))
+                    out.append((entry_id.encode(), event, stream_entries.data_of(fields)))
                     if event == b"done":
                         ended = True
                         break

@@ -44,7 +44,7 @@ async def run(url: str, streams: int, batches: int) -> None:
             pipe.mget([state.keys.cancel(f"s-{m}", m) for m in ids])
             for m in ids:
                 pipe.xadd(
-                    state.keys.stream(m),
+                    state.keys.stream(f"s-{m}", m),
                     {"e": "chunk", "s": seq, "d": dumps(data)},
                     maxlen=10_000,
                     approximate=True,

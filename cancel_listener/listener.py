@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cancel_listener.sweeper import CancelSweeper, Seen
+from chatpipe.clients import redis_run_ids
 from chatpipe.codec import parse_cancel
 from chatpipe.errors import InvalidRecord
 from chatpipe.metrics import Metrics
@@ -64,7 +65,7 @@ class CancelListener:
         self.replayed = asyncio.Event()  # set after each complete replay
         self.replays = 0
         self._stopping = asyncio.Event()
-        self._redis_run_id: str | None = None
+        self._redis_run_ids: frozenset[str] | None = None
         self._partitions: list[TopicPartition] = []
 
     def request_stop(self) -> None:
@@ -141,10 +142,11 @@ class CancelListener:
         return [r for rs in batch.values() for r in rs]
 
     async def _redis_was_reset(self) -> bool:
-        info = await self.redis.info("server")
-        run_id = str(info.get("run_id"))
-        reset = self._redis_run_id is not None and run_id != self._redis_run_id
-        self._redis_run_id = run_id
+        """A Redis server (a cluster: a primary) we wrote to is not the one it was: restarted,
+        maybe empty, or a replica promoted that may lack the latest flags. Replay then."""
+        run_ids = await redis_run_ids(self.redis)
+        reset = self._redis_run_ids is not None and not run_ids <= self._redis_run_ids
+        self._redis_run_ids = run_ids
         return reset
 
     async def _replay(self) -> None:

@@ -56,6 +56,7 @@ class Seen:
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
+    session_id: str
     message_id: str
     timestamp_ms: int
 
@@ -104,7 +105,7 @@ class CancelSweeper:
             self._pending.pop(seen.key, None)
             await self._tombstone(seen.key, "forbidden")
             return
-        self._pending[seen.key] = _Pending(c.message_id, seen.timestamp_ms)
+        self._pending[seen.key] = _Pending(c.session_id, c.message_id, seen.timestamp_ms)
         self._pending.move_to_end(seen.key)
         while len(self._pending) > self._remember:
             # forgotten here, not in the topic: the next replay (a listener start) finds it
@@ -146,7 +147,7 @@ class CancelSweeper:
         if not self._pending:
             return done
         items = list(self._pending.items())
-        states = await self.state.states([p.message_id for _, p in items])
+        states = await self.state.states([(p.session_id, p.message_id) for _, p in items])
         for (key, p), state in zip(items, states, strict=True):
             age_ms = now_ms - p.timestamp_ms
             if state == "cancelled":  # its streamer tombstones it; we do if it did not

@@ -17,7 +17,7 @@ import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -34,6 +34,7 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from chatpipe.errors import ChatpipeError, Unavailable
@@ -469,7 +470,12 @@ def redis_options(settings: Settings) -> dict[str, Any]:
 def make_redis(
     settings: Settings, *, max_connections: int | None = None, socket_timeout: float | None = None
 ) -> Redis:
-    """One pool per process, blocking when exhausted (redis-py's default pool raises instead)."""
+    """One pool per process, blocking when exhausted (redis-py's default pool raises instead).
+    With REDIS_CLUSTER: redis-py's cluster client from the URL of any node (`make_cluster`)."""
+    if settings.redis_cluster:
+        return make_cluster(
+            settings, max_connections=max_connections, socket_timeout=socket_timeout
+        )
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections or settings.redis_max_connections,
@@ -483,6 +489,48 @@ def make_redis(
     )
     use_hiredis_packing(pool)  # perf: commands packed in C (docs/benchmarks.md)
     return Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+
+
+# A cluster client's pool per node raises when it is exhausted (it cannot block): each node
+# gets this many times the single-Redis pool, which chatpipe's batching never comes near.
+CLUSTER_POOL_FACTOR = 4
+
+
+def make_cluster(
+    settings: Settings, *, max_connections: int | None = None, socket_timeout: float | None = None
+) -> Redis:
+    """redis-py's Redis Cluster client (it finds every node from the one REDIS_URL names, and
+    follows MOVED/ASK and failovers). It offers the command, pipeline and script API chatpipe
+    uses on a single Redis; it is typed as `Redis` for the code that takes either (where the
+    two differ, chatpipe asks `is_cluster`). Every multi-key command chatpipe sends names keys
+    of one hash slot (chatpipe/keys.py)."""
+    cluster = RedisCluster.from_url(
+        settings.redis_url,
+        max_connections=CLUSTER_POOL_FACTOR * (max_connections or settings.redis_max_connections),
+        socket_connect_timeout=2,
+        socket_timeout=socket_timeout,
+        socket_keepalive=True,
+        health_check_interval=10,
+        decode_responses=False,
+        **redis_options(settings),
+    )
+    return cast(Redis, cluster)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+async def redis_run_ids(redis: Redis) -> frozenset[str]:
+    """The run ids of the Redis servers that hold chatpipe's keys: one for a single Redis, one
+    per primary for a cluster. A new one means a server restarted (perhaps without its data)
+    or a replica was promoted (perhaps without the primary's latest writes)."""
+    if is_cluster(redis):
+        cluster = cast(RedisCluster, redis)
+        found = await cluster.info("server", target_nodes=RedisCluster.PRIMARIES)
+        return frozenset(str(info.get("run_id")) for info in found.values())
+    info = await redis.info("server")
+    return frozenset({str(info.get("run_id"))})
 
 
 def _redis_user(settings: Settings) -> str:

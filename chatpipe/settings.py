@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     # --- connections -------------------------------------------------------------------
     kafka_bootstrap_servers: str = "localhost:9092"
     redis_url: str = "redis://localhost:6379/0"
+    # REDIS_URL names one node of a Redis Cluster (any: the client discovers the others)
+    redis_cluster: bool = False
+    # key layout 2: every key of a session carries the tag {crc32(session_id) % buckets}
+    # (chatpipe/keys.py). Every process of a deployment must use the same number: changing it
+    # moves every key (docs/scaling.md)
+    redis_key_buckets: int = Field(default=16, ge=1, le=16384)
     redis_max_connections: int = 64
     kafka_request_timeout_ms: int = 5000
     kafka_session_timeout_ms: int = 10_000  # a dead consumer's partitions move after this

@@ -11,21 +11,23 @@ one script each, so every message reaches exactly one final state:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT as Arg
 
+from chatpipe import entries as stream_entries
+from chatpipe.clients import is_cluster
 from chatpipe.codec import dumps
 from chatpipe.history import Turn, parse_turns
-from chatpipe.keys import Keys
-from chatpipe.scripts import load_script
+from chatpipe.keys import Keys, cancel_record_key, split_record_key
+from chatpipe.scripts import load_script, register
 from chatpipe.settings import Settings
 
+OBSERVES_QUEUED = 2  # commands State.observe queues: the message's `where`, then OBSERVE
 FINAL_STATES = frozenset({"completed", "cancelled", "failed"})
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 CancelAnswer = Literal["cancelled", "repeated", "completed", "failed", "not_found", "forbidden"]
@@ -81,19 +83,33 @@ class State:
         self.redis = redis
         self.settings = settings
         self.keys = Keys.from_settings(settings)
-        self._accept = redis.register_script(ACCEPT)
-        self._observe = redis.register_script(OBSERVE)
-        self._cancel = redis.register_script(CANCEL)
-        self._mirror = redis.register_script(MIRROR_CANCEL)
-        self._claim = redis.register_script(CLAIM)
-        self._finish = redis.register_script(FINISH)
-        self._refresh = redis.register_script(REFRESH)
-        self._write = redis.register_script(WRITE)
-        self._published = redis.register_script(PUBLISHED)
-        self._withdraw = redis.register_script(WITHDRAW)
-        self._lapsed = redis.register_script(LAPSED)
-        self._session_cancel = redis.register_script(SESSION_CANCEL)
-        self._served = redis.register_script(SERVED)
+        self.cluster = is_cluster(redis)
+        self._accept = register(redis, ACCEPT)
+        self._observe = register(redis, OBSERVE)
+        self._cancel = register(redis, CANCEL)
+        self._mirror = register(redis, MIRROR_CANCEL)
+        self._claim = register(redis, CLAIM)
+        self._finish = register(redis, FINISH)
+        self._refresh = register(redis, REFRESH)
+        self._write = register(redis, WRITE)
+        self._published = register(redis, PUBLISHED)
+        self._withdraw = register(redis, WITHDRAW)
+        self._lapsed = register(redis, LAPSED)
+        self._session_cancel = register(redis, SESSION_CANCEL)
+        self._served = register(redis, SERVED)
+
+    def _by_slot(
+        self, items: Iterable[int], bucket: Callable[[int], int] = lambda b: b
+    ) -> list[list[int]]:
+        """`items` in the groups one script call may take: all of them on a single Redis, one
+        group per bucket (hash slot) on a Redis Cluster."""
+        ordered = list(items)
+        if not self.cluster:
+            return [ordered] if ordered else []
+        groups: dict[int, list[int]] = {}
+        for item in ordered:
+            groups.setdefault(bucket(item), []).append(item)
+        return list(groups.values())
 
     # --- api ---------------------------------------------------------------------------
     async def accept(
@@ -108,10 +124,12 @@ class State:
     ) -> str:
         """Record a new message as queued. Returns "ok", "forbidden" (`enforce`: the session or
         the message id is another user's), "busy:<message_id>" (`reject_if_busy` and the
-        session has a queued or streaming message), or the state of an existing message."""
+        session has a queued or streaming message), or the state of an existing message (in
+        this session or, the id being unique, another one; "taken" when that one is gone).
+        The message's `where` names its session from here on (a refused call leaves none)."""
         s = self.settings
         k = self.keys
-        keys = [k.msg(message_id), k.owner(session_id), k.open_messages(session_id)]
+        keys = [k.msg(session_id, message_id), k.owner(session_id), k.open_messages(session_id)]
         args: list[Arg] = [
             session_id,
             user_id or "",
@@ -120,36 +138,86 @@ class State:
             int(enforce),
             s.session_owner_ttl_s,
             "reject" if reject_if_busy else "",
-            k.prefix,
+            k.msg_prefix(session_id),
             message_id,
             message,
         ]
-        return _s(await self._accept(keys=keys, args=args))
+        where = self.keys.where(message_id)
+        held = await self.redis.set(
+            where, session_id, nx=True, get=True, ex=self.settings.history_ttl_s
+        )
+        if held is not None and _s(held) != session_id:
+            return await self._held_elsewhere(_s(held), message_id, user_id, enforce)
+        answer = _s(await self._accept(keys=keys, args=args))
+        if answer != "ok" and held is None:
+            # refused (busy, forbidden, ...): the id was not this session's before this call.
+            # Every writer of `where` sets it only when absent, so it is still ours to drop.
+            await self.redis.delete(where)
+        return answer
+
+    async def _held_elsewhere(
+        self, other: str, message_id: str, user_id: str | None, enforce: bool
+    ) -> str:
+        """A message id is unique across sessions (the contract): one whose `where` names
+        another session is refused, with that message's state (409), "forbidden" (`enforce`
+        and another user's), or "taken" (its message is gone or not written yet: the id stays
+        the first session's for HISTORY_TTL_S)."""
+        state, user = await self.redis.hmget(self.keys.msg(other, message_id), ["state", "user"])
+        if state is None:
+            return "taken"
+        if enforce and _s(user or b"") != (user_id or ""):
+            return "forbidden"
+        return _s(state)
+
+    def _locate(self, pipe: Pipeline, session_id: str, message_id: str) -> None:
+        """Queue the message's `where` (its session), for the routes that name it by id alone."""
+        pipe.set(self.keys.where(message_id), session_id, nx=True, ex=self.settings.history_ttl_s)
+
+    async def locate(self, message_id: str) -> str | None:
+        """The session of a message Redis knows, or None."""
+        value = await self.redis.get(self.keys.where(message_id))
+        return None if value is None else _s(value)
 
     async def session_owner(self, session_id: str) -> str | None:
         value = await self.redis.get(self.keys.owner(session_id))
         return _s(value) if value is not None else None
 
-    async def lapsed(self, limit: int) -> list[str]:
-        """Up to `limit` messages whose lease lapsed (by Redis's clock): their owner died, or
-        stopped without finishing them (a hand-over). Oldest lapse first."""
-        raw = await self._lapsed(keys=[self.keys.leases()], args=[limit])
-        return [_s(m) for m in raw]
+    async def lapsed(self, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` messages (session_id, message_id) whose lease lapsed (by Redis's
+        clock): their owner died, or stopped without finishing them (a hand-over). Oldest lapse
+        first within a bucket; every bucket is looked at (one script, one per bucket on a
+        cluster, pipelined)."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for buckets in self._by_slot(range(k.buckets)):
+                keys = [k.leases(b) for b in buckets]
+                await self._lapsed(keys=keys, args=[limit], client=pipe)
+            found = await pipe.execute()
+        lapsed: list[tuple[str, str]] = []
+        for members in found:
+            for member in members:
+                try:
+                    lapsed.append(split_record_key(_s(member)))
+                except ValueError:  # not a member chatpipe writes: leave it to its writer
+                    continue
+        return lapsed[:limit]
 
-    async def takeover_request(self, message_id: str) -> bytes | None:
+    async def takeover_request(self, session_id: str, message_id: str) -> bytes | None:
         """The request of a message whose lease lapsed, or None when there is nothing to take
         over (it ended, or Redis no longer holds its request): then it leaves `leases`."""
-        state, request = await self.redis.hmget(self.keys.msg(message_id), ["state", "request"])
+        k = self.keys
+        state, request = await self.redis.hmget(k.msg(session_id, message_id), ["state", "request"])
         if state == b"streaming" and request:
             return request if isinstance(request, bytes) else str(request).encode()
-        await self.redis.zrem(self.keys.leases(), message_id)
+        member = cancel_record_key(session_id, message_id)
+        await self.redis.zrem(k.leases(k.bucket(session_id)), member)
         return None
 
     async def withdraw(self, message_id: str, session_id: str) -> bool:
         """The api could not queue the request (Kafka did not ack in time): mark it so that
         its record, should Kafka take it late, is not answered (WITHDRAW). False: a consumer
         has it already (it was queued after all)."""
-        keys = [self.keys.msg(message_id), self.keys.open_messages(session_id)]
+        keys = [self.keys.msg(session_id, message_id), self.keys.open_messages(session_id)]
         args: list[Arg] = [self.settings.msg_ttl_s, message_id]
         return bool(await self._withdraw(keys=keys, args=args))
 
@@ -165,7 +233,7 @@ class State:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for m in ids:
-                pipe.hmget(self.keys.msg(m), ["state", "created"])
+                pipe.hmget(self.keys.msg(session_id, m), ["state", "created"])
             found = await pipe.execute()
         live, gone = [], []
         for m, (state, created) in zip(ids, found, strict=True):
@@ -214,9 +282,9 @@ class State:
             results = await pipe.execute()
         return [m for (m, _), r in zip(open_, results, strict=True) if int(r) > 0]
 
-    async def served(self, message_id: str, instance_id: str) -> None:
+    async def served(self, session_id: str, message_id: str, instance_id: str) -> None:
         """`instance_id` serves the message's stream to a reader (shown by GET /api/chat/{id})."""
-        await self._served(keys=[self.keys.msg(message_id)], args=[instance_id])
+        await self._served(keys=[self.keys.msg(session_id, message_id)], args=[instance_id])
 
     async def cancel(
         self,
@@ -230,7 +298,7 @@ class State:
         """`enforce`: only the message's sender may cancel it ("forbidden" otherwise).
         `instance_id`: the api that took it (kept as `cancelled_by`); `source`: why (api,
         session, interrupt), for the cancel metrics."""
-        keys = [self.keys.msg(message_id), self.keys.cancel(session_id, message_id)]
+        keys = [self.keys.msg(session_id, message_id), self.keys.cancel(session_id, message_id)]
         args: list[Arg] = [
             session_id,
             self.settings.cancel_ttl_s,
@@ -258,17 +326,24 @@ class State:
             return []
         return parse_turns(await self.redis.lrange(self.keys.history(session_id), -limit, -1))
 
-    async def answer_so_far(self, message_id: str) -> str:
+    async def next_seq(self, session_id: str, message_id: str) -> int:
+        """The seq the message's next event takes: one past its stream's last (0: none yet)."""
+        key = self.keys.stream(session_id, message_id)
+        last = cast(StreamEntries, await self.redis.xrevrange(key, count=1))
+        return stream_entries.seq_of(last[0][1]) + 1 if last else 0
+
+    async def answer_so_far(self, session_id: str, message_id: str) -> str:
         """The text of the chunks the message's stream holds since its last start (a takeover
         streams the answer again after its `restart` event): its answer up to now."""
         parts: list[str] = []
-        entries = cast(StreamEntries, await self.redis.xrange(self.keys.stream(message_id)))
+        key = self.keys.stream(session_id, message_id)
+        entries = cast(StreamEntries, await self.redis.xrange(key))
         for _, fields in entries:
-            event = fields.get(b"e")
+            event = stream_entries.event_of(fields)
             if event == b"restart":
                 parts.clear()
             elif event == b"chunk":
-                parts.append(str(orjson.loads(fields[b"d"]).get("delta", "")))
+                parts.append(stream_entries.delta_of(fields))
         return "".join(parts)
 
     async def open_turns(self, session_id: str) -> list[Turn]:
@@ -276,24 +351,28 @@ class State:
         one's answer is its text so far."""
         turns = []
         for message_id, state in await self.open_messages(session_id):
-            fields = await self.message(message_id)
+            fields = await self.message(session_id, message_id)
             turns.append(
                 Turn(
                     message_id=message_id,
                     message=fields.get("message", ""),
-                    answer=await self.answer_so_far(message_id) if state == "streaming" else "",
+                    answer=(
+                        await self.answer_so_far(session_id, message_id)
+                        if state == "streaming"
+                        else ""
+                    ),
                     status="streaming" if state == "streaming" else "queued",
                     created_at=fields.get("created") or None,
                 )
             )
         return turns
 
-    async def settled(self, message_ids: Sequence[str]) -> bool:
+    async def settled(self, session_id: str, message_ids: Sequence[str]) -> bool:
         """Every one of the messages is final with its terminal event acked by Kafka (its
         finisher is done with it), or unknown to Redis."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for m in message_ids:
-                pipe.hmget(self.keys.msg(m), ["state", "published"])
+                pipe.hmget(self.keys.msg(session_id, m), ["state", "published"])
             found = await pipe.execute()
         return all(
             state is None or (_s(state) in FINAL_STATES and published == b"1")
@@ -308,40 +387,46 @@ class State:
         names = [k.history(session_id), k.open_messages(session_id)]
         names += [k.active(session_id), k.owner(session_id), k.session_cancelled(session_id)]
         for m in message_ids:
-            names += [k.msg(m), k.stream(m), k.lease(m), k.cancel(session_id, m), k.response(m)]
+            names += [k.msg(session_id, m), k.stream(session_id, m), k.lease(session_id, m)]
+            names += [k.cancel(session_id, m), k.response(session_id, m)]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(*names)
+            pipe.delete(*names)  # one bucket: one slot
             if message_ids:
-                pipe.zrem(k.leases(), *message_ids)
+                members = [cancel_record_key(session_id, m) for m in message_ids]
+                pipe.zrem(k.leases(k.bucket(session_id)), *members)
+            for m in message_ids:  # each in a slot of its own
+                pipe.delete(k.where(m))
             found = await pipe.execute()
         return int(found[0])
 
-    async def save_response(self, message_id: str, meta: bytes) -> None:
+    async def save_response(self, session_id: str, message_id: str, meta: bytes) -> None:
         """Keep what an OpenAI response was asked, as long as the session's history."""
-        await self.redis.set(self.keys.response(message_id), meta, ex=self.settings.history_ttl_s)
+        key = self.keys.response(session_id, message_id)
+        await self.redis.set(key, meta, ex=self.settings.history_ttl_s)
 
-    async def response(self, message_id: str) -> bytes | None:
-        value = await self.redis.get(self.keys.response(message_id))
+    async def response(self, session_id: str, message_id: str) -> bytes | None:
+        value = await self.redis.get(self.keys.response(session_id, message_id))
         return value if value is None or isinstance(value, bytes) else str(value).encode()
 
     async def turn(self, session_id: str, message_id: str) -> Turn | None:
         """The message's turn in the session's history (None: not there, or not ended)."""
         return next((t for t in await self.history(session_id) if t.message_id == message_id), None)
 
-    async def message(self, message_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(self.keys.msg(message_id))
+    async def message(self, session_id: str, message_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.msg(session_id, message_id))
         return {_s(k): _s(v) for k, v in raw.items()}
 
-    async def exists(self, message_id: str) -> bool:
+    async def exists(self, session_id: str, message_id: str) -> bool:
         """Redis knows the message (a withdrawn one, never queued, is not counted)."""
-        state = await self.redis.hget(self.keys.msg(message_id), "state")
+        state = await self.redis.hget(self.keys.msg(session_id, message_id), "state")
         return state is not None and state != b"withdrawn"
 
-    async def states(self, message_ids: Sequence[str]) -> list[str | None]:
-        """The state of each message (None: Redis does not know it), in one round trip."""
+    async def states(self, messages: Sequence[tuple[str, str]]) -> list[str | None]:
+        """The state of each (session_id, message_id) (None: Redis does not know it), in one
+        pipeline."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for message_id in message_ids:
-                pipe.hget(self.keys.msg(message_id), "state")
+            for session_id, message_id in messages:
+                pipe.hget(self.keys.msg(session_id, message_id), "state")
             found = await pipe.execute()
         return [None if v is None else _s(v) for v in found]
 
@@ -365,7 +450,7 @@ class State:
         """Queue the flag of a cancel record on `pipe` (result: 1 set, 0 message already final,
         -1 forbidden: ownership enforced and `user_id` is not the message's sender)."""
         keys = [
-            self.keys.msg(message_id),
+            self.keys.msg(session_id, message_id),
             self.keys.cancel(session_id, message_id),
             self.keys.owner(session_id),
         ]
@@ -390,12 +475,14 @@ class State:
         message: str = "",
         reject_if_busy: bool = False,
     ) -> None:
-        """Queue on `pipe`: record a consumed request as queued unless it has a state already
-        (its result: the state, or "busy:<id>" with `reject_if_busy` and an open message)."""
+        """Queue on `pipe` (OBSERVES_QUEUED commands, the OBSERVE script's last): record a
+        consumed request as queued unless it has a state already (the script's result: the
+        state, or "busy:<id>" with `reject_if_busy` and an open message), and its `where`."""
         ttl = self.settings.msg_ttl_s
         args: list[Arg] = [session_id, user_id or "", now, ttl, message_id, message]
-        args += ["reject" if reject_if_busy else "", self.keys.prefix]
-        keys = [self.keys.msg(message_id), self.keys.open_messages(session_id)]
+        args += ["reject" if reject_if_busy else "", self.keys.msg_prefix(session_id)]
+        keys = [self.keys.msg(session_id, message_id), self.keys.open_messages(session_id)]
+        self._locate(pipe, session_id, message_id)
         await self._observe(keys=keys, args=args, client=pipe)
 
     async def claim(
@@ -414,13 +501,13 @@ class State:
         cancel is cancelled ("" never is)."""
         k = self.keys
         keys = [
-            k.msg(message_id),
-            k.lease(message_id),
+            k.msg(session_id, message_id),
+            k.lease(session_id, message_id),
             k.cancel(session_id, message_id),
             k.active(session_id),
-            k.stream(message_id),
+            k.stream(session_id, message_id),
             k.owner(session_id),
-            k.leases(),
+            k.leases(k.bucket(session_id)),
             k.session_cancelled(session_id),
         ]
         s = self.settings
@@ -437,6 +524,7 @@ class State:
             s.session_owner_ttl_s,
             request,
             created,
+            cancel_record_key(session_id, message_id),
         ]
         raw = await self._claim(keys=keys, args=args)
         outcome = _s(raw[0])
@@ -479,12 +567,12 @@ class State:
         answer's): the turn appended to the session's history ("" message: none)."""
         k = self.keys
         keys = [
-            k.msg(message_id),
-            k.lease(message_id),
+            k.msg(session_id, message_id),
+            k.lease(session_id, message_id),
             k.cancel(session_id, message_id),
             k.active(session_id),
-            k.stream(message_id),
-            k.leases(),
+            k.stream(session_id, message_id),
+            k.leases(k.bucket(session_id)),
             k.open_messages(session_id),
             k.history(session_id),
         ]
@@ -509,6 +597,7 @@ class State:
             s.history_ttl_s,
             chunks if completion_tokens is None else completion_tokens,
             "" if prompt_tokens is None else prompt_tokens,
+            cancel_record_key(session_id, message_id),
         ]
         raw = await self._finish(keys=keys, args=args)
         if _s(raw[0]) == "already":
@@ -516,12 +605,18 @@ class State:
         return Finish(_s(raw[0]), _s(raw[1]), _s(raw[2]), cancel_source=_s(raw[3]))
 
     def append(
-        self, pipe: Pipeline, message_id: str, event: str, seq: int, data: dict[str, Any]
+        self,
+        pipe: Pipeline,
+        session_id: str,
+        message_id: str,
+        event: str,
+        seq: int,
+        data: dict[str, Any],
     ) -> None:
         """Queue one SSE event on the message's Redis Stream (batched by the caller)."""
         pipe.xadd(
-            self.keys.stream(message_id),
-            {"e": event, "s": seq, "d": dumps(data)},
+            self.keys.stream(session_id, message_id),
+            stream_entries.encode(event, seq, data),  # type: ignore[arg-type]
             maxlen=self.settings.stream_maxlen,
             approximate=True,
         )
@@ -543,7 +638,11 @@ class State:
         event, which gives the stream its TTL while streaming."""
         k = self.keys
         s = self.settings
-        keys = [k.msg(message_id), k.stream(message_id), k.cancel(session_id, message_id)]
+        keys = [
+            k.msg(session_id, message_id),
+            k.stream(session_id, message_id),
+            k.cancel(session_id, message_id),
+        ]
         args: list[Arg] = [
             epoch,
             event,
@@ -554,42 +653,63 @@ class State:
         ]
         await self._write(keys=keys, args=args, client=pipe)
 
-    async def lost_runs(self, runs: set[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Of (message_id, epoch) runs, those that lost their message since: it is no longer
-        `streaming` under that epoch (a message whose hash is gone is not counted lost)."""
+    async def lost_runs(self, runs: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        """Of (session_id, message_id, epoch) runs, those that lost their message since: it is
+        no longer `streaming` under that epoch (a message whose hash is gone is not counted
+        lost)."""
         ordered = list(runs)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for message_id, _ in ordered:
-                pipe.hmget(self.keys.msg(message_id), ["state", "epoch"])
+            for session_id, message_id, _ in ordered:
+                pipe.hmget(self.keys.msg(session_id, message_id), ["state", "epoch"])
             values = await pipe.execute()
         lost = set()
         for run, (state, epoch) in zip(ordered, values, strict=True):
-            if state is not None and (_s(state) != "streaming" or _s(epoch or b"") != run[1]):
+            if state is not None and (_s(state) != "streaming" or _s(epoch or b"") != run[2]):
                 lost.add(run)
         return lost
 
-    async def published(self, message_id: str, instance_id: str) -> None:
+    async def release_leases(self, messages: Sequence[tuple[str, str]]) -> None:
+        """Drop our leases of (session_id, message_id) at once (a hand-over at shutdown: the
+        next owner need not wait for them to lapse). One DEL per message: a cluster refuses a
+        DEL over several slots."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id, message_id in messages:
+                pipe.delete(self.keys.lease(session_id, message_id))
+            await pipe.execute()
+
+    async def published(self, session_id: str, message_id: str, instance_id: str) -> None:
         """The message's terminal event is acked by Kafka: no claim publishes it again; our
         lease (kept since FINISH) is released."""
-        keys = [self.keys.msg(message_id), self.keys.lease(message_id)]
+        keys = [self.keys.msg(session_id, message_id), self.keys.lease(session_id, message_id)]
         await self._published(keys=keys, args=[instance_id])
 
     async def refresh_leases(
         self, owned: Sequence[tuple[str, str] | tuple[str, str, str]], instance_id: str
     ) -> list[int]:
         """Extend the leases of (message_id, session_id[, epoch]) we stream (also the seed's
-        active key and the message's stream TTL); returns the indexes of those we lost."""
+        active key and the message's stream TTL); returns the indexes of those we lost. One
+        script per bucket (its keys share a slot), pipelined."""
         if not owned:
             return []
         k = self.keys
-        keys: list[str] = [k.leases()]
-        runs: list[Arg] = []
-        for entry in owned:
-            message_id, session_id = entry[0], entry[1]
-            keys += [k.lease(message_id), k.active(session_id), k.msg(message_id)]
-            keys.append(k.stream(message_id))
-            runs += [message_id, entry[2] if len(entry) > 2 else ""]
+        groups = self._by_slot(range(len(owned)), lambda i: k.bucket(owned[i][1]))
         s = self.settings
-        args: list[Arg] = [instance_id, s.lease_ms, s.active_ttl_s, *runs]
-        lost = await self._refresh(keys=keys, args=args)
-        return [int(i) - 1 for i in lost]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for indexes in groups:
+                keys: list[str] = []
+                runs: list[Arg] = []
+                for index in indexes:
+                    entry = owned[index]
+                    message_id, session_id = entry[0], entry[1]
+                    keys += [k.lease(session_id, message_id), k.active(session_id)]
+                    keys += [k.msg(session_id, message_id), k.stream(session_id, message_id)]
+                    keys.append(k.leases(k.bucket(session_id)))
+                    runs += [cancel_record_key(session_id, message_id)]
+                    runs += [entry[2] if len(entry) > 2 else ""]
+                args: list[Arg] = [instance_id, s.lease_ms, s.active_ttl_s, *runs]
+                await self._refresh(keys=keys, args=args, client=pipe)
+            found = await pipe.execute()
+        lost: list[int] = []
+        for indexes, lost_in_group in zip(groups, found, strict=True):
+            lost += [indexes[int(i) - 1] for i in lost_in_group]
+        return sorted(lost)

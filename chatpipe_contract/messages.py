@@ -38,7 +38,9 @@ KAFKA_BINDING_VERSION = "0.5.0"
 #        `message` is then optional (the last user entry); records chatpipe writes unchanged
 # 1.4.0: `chat.session_cancel` on chat.cancels (stop a whole session), `if_busy` on a request
 # 1.5.0: `usage.prompt_tokens` on the terminal events; `completion_tokens` is the model's count
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.5.0"
+# 1.6.0: Redis key layout 2 (every key of a session carries its bucket's hash tag, for Redis
+#        Cluster; chatpipe.keys); Kafka topics, keys and records unchanged
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.6.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"

@@ -201,7 +201,8 @@ class Completions:
                 yield _data(self._chunk(answer, Delta(), finish="stop"))
                 if include_usage:
                     usage = answer.usage(
-                        await counted(self.service, message_id), chat.messages or []
+                        await counted(self.service, chat.session_id, message_id),
+                        chat.messages or [],
                     )
                     last = CompletionChunk(
                         id=answer.completion_id,
@@ -257,7 +258,9 @@ class Completions:
             choices=[
                 Choice(message=AnswerMessage(content="".join(answer.text)), finish_reason="stop")
             ],
-            usage=answer.usage(await counted(self.service, message_id), chat.messages or []),
+            usage=answer.usage(
+                await counted(self.service, chat.session_id, message_id), chat.messages or []
+            ),
         )
 
     def _chunk(self, answer: Answer, delta: Delta, finish: str | None = None) -> dict[str, object]:
@@ -270,11 +273,11 @@ class Completions:
         return chunk.model_dump(mode="json", exclude_none=False)
 
 
-async def counted(service: ChatService, message_id: str) -> dict[str, str]:
+async def counted(service: ChatService, session_id: str, message_id: str) -> dict[str, str]:
     """The message's state hash (its token counts), {} when Redis cannot say now: the answer
     is complete, its usage then falls back to counting."""
     try:
-        return await service.state.message(message_id)
+        return await service.state.message(session_id, message_id)
     except Exception as e:
         log.warning("token counts unavailable: %s", e, extra={"message_id": message_id})
         return {}

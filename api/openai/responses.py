@@ -276,7 +276,7 @@ class Responses:
             message_id=asked.id,
             options=options,
         )
-        await self.service.state.save_response(asked.id, asked.to_json())
+        await self.service.state.save_response(session_id, asked.id, asked.to_json())
         await self.service.submit(chat, caller, traceparent)
         return asked
 
@@ -284,12 +284,17 @@ class Responses:
     async def asked(self, response_id: str, caller: Principal | None, param: str = "") -> Asked:
         """What the response was asked; NotFound for an unknown id or another user's (a 404
         either way: whether someone else's response exists is not told)."""
-        raw = await self.service.state.response(response_id)
-        if raw is None:
+        session_id = await self.service.state.locate(response_id)
+        raw = (
+            None
+            if session_id is None
+            else await self.service.state.response(session_id, response_id)
+        )
+        if session_id is None or raw is None:
             raise ResponseNotFound(f"No response found with id '{response_id}'.", param or None)
         asked = Asked.from_json(raw)
         if caller is not None and self.service.settings.ownership_enforced:
-            owner = (await self.service.state.message(response_id)).get("user")
+            owner = (await self.service.state.message(session_id, response_id)).get("user")
             if owner is None:
                 owner = await self.service.state.session_owner(asked.session_id)
             if owner is not None and owner != caller.user_id:
@@ -298,7 +303,7 @@ class Responses:
 
     async def retrieve(self, response_id: str, caller: Principal | None) -> Json:
         asked = await self.asked(response_id, caller)
-        fields = await self.service.state.message(response_id)
+        fields = await self.service.state.message(asked.session_id, response_id)
         state = fields.get("state")
         if state in FINAL or state is None:
             turn = await self.service.state.turn(asked.session_id, response_id)
@@ -311,14 +316,14 @@ class Responses:
             events.answer.reason = turn.reason if turn is not None else fields.get("reason")
             events.answer.chunks = turn.chunks if turn is not None else int(fields.get("chunks", 0))
             return events.final(fields)
-        text = await self.service.state.answer_so_far(response_id)
+        text = await self.service.state.answer_so_far(asked.session_id, response_id)
         return response_object(asked, STATUS.get(str(state), "in_progress"), text, None, None)
 
     async def _text(self, asked: Asked) -> str:
         turn = await self.service.state.turn(asked.session_id, asked.id)
         if turn is not None:
             return turn.answer
-        return await self.service.state.answer_so_far(asked.id)
+        return await self.service.state.answer_so_far(asked.session_id, asked.id)
 
     async def events(
         self, asked: Asked, caller: Principal | None, starting_after: int | None = None
@@ -346,7 +351,7 @@ class Responses:
                 async for batch in batches:
                     out = [e for e in events.feed(batch) if e["sequence_number"] > after]
                     if events.answer.status is not None:
-                        tokens = await counted(self.service, asked.id)
+                        tokens = await counted(self.service, asked.session_id, asked.id)
                         out += [e for e in events.closing(tokens) if e["sequence_number"] > after]
                         ended = True
                     if out:
@@ -372,7 +377,7 @@ class Responses:
     async def cancel(self, response_id: str, caller: Principal | None) -> Json:
         """Cancel from any instance; idempotent: a finished response is returned unchanged."""
         asked = await self.asked(response_id, caller)
-        fields = await self.service.state.message(response_id)
+        fields = await self.service.state.message(asked.session_id, response_id)
         if fields.get("state") not in FINAL:
             try:
                 await self.service.cancel(
@@ -384,7 +389,8 @@ class Responses:
                 ) from None
             deadline = time.monotonic() + CANCEL_WAIT_S
             while time.monotonic() < deadline:
-                if (await self.service.state.message(response_id)).get("state") in FINAL:
+                fields = await self.service.state.message(asked.session_id, response_id)
+                if fields.get("state") in FINAL:
                     break
                 await asyncio.sleep(0.02)
         return await self.retrieve(response_id, caller)

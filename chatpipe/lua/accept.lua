@@ -6,11 +6,11 @@
 -- and queues nothing (a member whose message is gone or final is dropped first).
 -- The user's text is kept (field `message`) until the message ends and its turn is in the
 -- session's history (finish.lua), so the conversation shows a queued message too.
--- KEYS msg owner open ; ARGV session user now ttl enforce owner_ttl if_busy key_prefix message_id
+-- KEYS msg owner open ; ARGV session user now ttl enforce owner_ttl if_busy msg_prefix message_id
 --   message  ->  "ok" | "forbidden" | "busy:<message_id>" | state
 local msg_key, owner_key, open_key = KEYS[1], KEYS[2], KEYS[3]
 local session, user, now, msg_ttl, enforce, owner_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local if_busy, key_prefix, message_id, message = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local if_busy, msg_prefix, message_id, message = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 
 local state = redis.call('HGET', msg_key, 'state')
 if enforce == '1' then
@@ -23,7 +23,7 @@ end
 if state and state ~= 'withdrawn' then return state end
 if if_busy == 'reject' then
   for _, other in ipairs(redis.call('SMEMBERS', open_key)) do
-    local s = redis.call('HGET', key_prefix .. 'chat:msg:' .. other, 'state')
+    local s = redis.call('HGET', msg_prefix .. other, 'state')
     if s == 'queued' or s == 'streaming' then return 'busy:' .. other end
     redis.call('SREM', open_key, other)
   end

@@ -1,3 +1,4 @@
+-- A stream entry has the fields of chatpipe/entries.py: e (event), s (seq), d (JSON data).
 -- With ownership enforced (ARGV enforce = '1'): a request without a user, or for a message id
 -- another user sent, or in another user's session answers {'forbidden', why} before anything
 -- changes; otherwise the session's owner key is set (first message) and its TTL refreshed.
@@ -9,13 +10,13 @@
 -- request's created_at) is cancelled like one whose flag is set.
 -- KEYS msg lease cancel active stream owner leases session_cancelled
 -- ARGV instance lease_ms session user now msg_ttl active_ttl message_id enforce owner_ttl request
---   created
+--   created lease_member (the message in `leases`: its escaped session:message)
 --   -> {'final', state} | {'owned', owner} | {'forbidden', why}
 --      | {'republish', state, final_seq, reason, chunks}
 --      | {'cancel', restart, next_seq, epoch} | {'start', restart, next_seq, epoch}
 local msg_key, lease_key, cancel_key, active_key, stream_key, owner_key, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local instance, lease_ms, session, user, now, msg_ttl, active_ttl, message_id, enforce, owner_ttl, request = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
-local session_cancelled_key, created = KEYS[8], ARGV[12]
+local session_cancelled_key, created, lease_member = KEYS[8], ARGV[12], ARGV[13]
 
 local state = redis.call('HGET', msg_key, 'state')
 if state == 'withdrawn' then return {'final', state} end
@@ -44,7 +45,7 @@ local owner = redis.call('GET', lease_key)
 if owner and owner ~= instance then return {'owned', owner} end
 redis.call('SET', lease_key, instance, 'PX', lease_ms)
 local t = redis.call('TIME')
-redis.call('ZADD', leases_key, t[1] * 1000 + math.floor(t[2] / 1000) + lease_ms, message_id)
+redis.call('ZADD', leases_key, t[1] * 1000 + math.floor(t[2] / 1000) + lease_ms, lease_member)
 if request ~= '' then redis.call('HSET', msg_key, 'request', request) end
 local restart = 0
 if state == 'streaming' then restart = 1 end

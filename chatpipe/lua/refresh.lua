@@ -2,18 +2,18 @@
 -- without us meanwhile: a later run holds it (its epoch is not ours) or it is final (a finished
 -- message's lease is held only by its finisher, until its terminal is published). One another
 -- instance holds is lost.
--- A refreshed lease's lapse time in `leases` moves with it.
--- KEYS leases lease1 active1 msg1 stream1 lease2 ... ; ARGV instance lease_ms active_ttl message_id1
---   epoch1 message_id2 epoch2 ... -> lost indexes (1-based)
-local leases_key = KEYS[1]
+-- A refreshed lease's lapse time in its bucket's `leases` moves with it.
+-- KEYS lease1 active1 msg1 stream1 leases1 lease2 ... ; ARGV instance lease_ms active_ttl member1
+--   epoch1 member2 epoch2 ... (member: the message in `leases`, its escaped session:message;
+--   on a Redis Cluster the caller sends one bucket's streams per call) -> lost indexes (1-based)
 local instance, lease_ms, active_ttl = ARGV[1], ARGV[2], ARGV[3]
--- then per stream n: KEYS lease, active, msg, stream from 4n-2; ARGV message_id, epoch from 2n+2
+-- per stream n: KEYS lease, active, msg, stream, leases from 5n-4; ARGV member, epoch from 2n+2
 
 local lost = {}
 local t = redis.call('TIME')
 local lapse = t[1] * 1000 + math.floor(t[2] / 1000) + lease_ms
-for i = 2, #KEYS, 4 do
-  local n = (i + 2) / 4
+for i = 1, #KEYS, 5 do
+  local n = (i + 4) / 5
   local owner = redis.call('GET', KEYS[i])
   local f = redis.call('HMGET', KEYS[i + 2], 'state', 'epoch')
   local epoch = ARGV[3 + 2 * n]
@@ -22,7 +22,7 @@ for i = 2, #KEYS, 4 do
   if ours and (owner == instance or (not owner and not final)) then
     redis.call('SET', KEYS[i], instance, 'PX', lease_ms)
     if not final then
-      redis.call('ZADD', leases_key, lapse, ARGV[2 + 2 * n])
+      redis.call('ZADD', KEYS[i + 4], lapse, ARGV[2 + 2 * n])
       redis.call('EXPIRE', KEYS[i + 1], active_ttl)
       redis.call('EXPIRE', KEYS[i + 3], active_ttl)
     end

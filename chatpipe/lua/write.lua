@@ -1,3 +1,4 @@
+-- A stream entry has the fields of chatpipe/entries.py: e (event), s (seq), d (JSON data).
 -- One SSE event of a run, fenced: written only while the message is `streaming` under this
 -- run's epoch (or its hash is gone: Redis lost it, the run goes on as before); the caller
 -- produces the event's Kafka record only after this answered >= 0. The first event of a run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from cancel_listener.listener import CancelListener
 from cancel_listener.sweeper import Seen
 from chatpipe.clients import make_consumer, make_producer, make_redis
-from chatpipe.keys import cancel_record_key
+from chatpipe.keys import cancel_record_key, split_record_key
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
@@ -111,10 +112,16 @@ async def tombstone(
 
 
 async def flags(redis: Redis, settings: Settings) -> set[str]:
-    """message ids with a cancel flag in this test's namespace."""
-    prefix = f"{settings.key_prefix}chat:cancel:"
+    """message ids with a cancel flag in this test's namespace (key layout 2: every flag is
+    `chat:{<bucket>}:cancel:<session>:<message>`, in its session's bucket)."""
+    prefix = f"{settings.key_prefix}chat:"
+    flag = re.compile(r"\{\d+\}:cancel:(.*)")
     found = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
-    return {k.decode()[len(prefix) :].split(":", 1)[1] for k in found}
+    return {
+        split_record_key(m.group(1))[1]
+        for k in found
+        if (m := flag.fullmatch(k.decode()[len(prefix) :]))
+    }
 
 
 async def wait_mirrored(done: Mirrored, message_id: str) -> str:
@@ -253,7 +260,7 @@ async def test_flags_come_back_when_redis_comes_back_empty(
         await redis.delete(state.keys.cancel("s-1", "m-1"), state.keys.cancel("s-3", "m-3"))
         assert await flags(redis, conf) == set()
         listener.replayed.clear()
-        listener._redis_run_id = "run-id-of-the-redis-that-died"
+        listener._redis_run_ids = frozenset({"run-id-of-the-redis-that-died"})
         async with asyncio.timeout(TIMEOUT):
             await listener.replayed.wait()
         assert listener.replays == 2

@@ -25,6 +25,7 @@ from chatpipe.metrics import Metrics
 from chatpipe.settings import Settings
 
 TIMEOUT = 5
+SESSION = "s-1"  # the session of the messages of a test, unless it says otherwise
 
 
 @dataclass
@@ -136,8 +137,11 @@ async def running_hub(
         await close_hub(hub)
 
 
-async def add(redis: Redis, keys: Keys, message_id: str, n: int, event: str = "chunk") -> str:
-    raw = await redis.xadd(keys.stream(message_id), {"e": event, "s": n, "d": f'{{"n": {n}}}'})
+async def add(
+    redis: Redis, keys: Keys, message_id: str, n: int, event: str = "chunk", session: str = SESSION
+) -> str:
+    fields = {"e": event, "s": n, "d": f'{{"n": {n}}}'}
+    raw = await redis.xadd(keys.stream(session, message_id), fields)
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
@@ -177,15 +181,15 @@ async def test_subscribers_at_different_positions_get_every_later_entry_once_in_
     keys = Keys.from_settings(settings)
     ids = [await add(redis, keys, "m-1", n) for n in range(3)]
     async with running_hub(settings, redis) as (hub, _, _):
-        from_start = await hub.subscribe("m-1", (0, 0))
-        resumed = await hub.subscribe("m-1", parse_id(ids[1]))  # Last-Event-ID = 2nd entry
+        from_start = await hub.subscribe(SESSION, "m-1", (0, 0))
+        resumed = await hub.subscribe(SESSION, "m-1", parse_id(ids[1]))  # Last-Event-ID = 2nd entry
         ids += [await add(redis, keys, "m-1", n) for n in range(3, 6)]
         first_six = await take(from_start, 6)
         assert after(first_six, (0, 0)) == ids
 
         # a third one joins late, behind the hub's position: it gets the gap from Redis (its
         # backlog) and the rest from the hub, nothing twice
-        late = await hub.subscribe("m-1", parse_id(ids[3]))
+        late = await hub.subscribe(SESSION, "m-1", parse_id(ids[3]))
         assert [i for i, _ in late.backlog] == ids[4:6]
         ids.append(await add(redis, keys, "m-1", 6, "done"))
 
@@ -200,11 +204,13 @@ async def test_each_message_goes_only_to_its_own_subscribers(
     settings: Settings, redis: Redis
 ) -> None:
     keys = Keys.from_settings(settings)
+    # two sessions in two buckets (keys.bucket): one reader reads both
+    assert keys.bucket("s-a") != keys.bucket("s-b")
     async with running_hub(settings, redis) as (hub, _, _):
-        a = await hub.subscribe("m-a", (0, 0))
-        b = await hub.subscribe("m-b", (0, 0))
-        ida = [await add(redis, keys, "m-a", n) for n in range(3)]
-        idb = [await add(redis, keys, "m-b", n) for n in range(2)]
+        a = await hub.subscribe("s-a", "m-a", (0, 0))
+        b = await hub.subscribe("s-b", "m-b", (0, 0))
+        ida = [await add(redis, keys, "m-a", n, session="s-a") for n in range(3)]
+        idb = [await add(redis, keys, "m-b", n, session="s-b") for n in range(2)]
         assert [i for i, _ in await take(a, 3)] == ida
         assert [i for i, _ in await take(b, 2)] == idb
         assert a.queue.empty()
@@ -214,13 +220,13 @@ async def test_each_message_goes_only_to_its_own_subscribers(
 async def test_a_new_subscription_wakes_the_blocked_read(settings: Settings, redis: Redis) -> None:
     keys = Keys.from_settings(settings)
     async with running_hub(settings, redis) as (hub, reads, _):
-        first = await hub.subscribe("m-1", (0, 0))
+        first = await hub.subscribe(SESSION, "m-1", (0, 0))
         await add(redis, keys, "m-1", 0)
         await take(first, 1)
         # the hub is now blocked in an XREAD (block 10 s) that does not name m-2
-        await reads.until(keys.stream("m-1"))
+        await reads.until(keys.stream(SESSION, "m-1"))
         await reads.blocked()
-        second = await hub.subscribe("m-2", (0, 0))
+        second = await hub.subscribe(SESSION, "m-2", (0, 0))
         new_id = await add(redis, keys, "m-2", 0)
         # well within the 10 s block: only the wake-up makes the hub read m-2 this soon
         (got_id, _), *_ = await take(second, 1)
@@ -232,15 +238,15 @@ async def test_the_last_client_leaving_takes_its_stream_out_of_the_read(
 ) -> None:
     keys = Keys.from_settings(settings)
     async with running_hub(settings, redis) as (hub, reads, _):
-        keep = await hub.subscribe("m-keep", (0, 0))
-        gone = await hub.subscribe("m-gone", (0, 0))
-        await reads.until(keys.stream("m-gone"))
+        keep = await hub.subscribe(SESSION, "m-keep", (0, 0))
+        gone = await hub.subscribe(SESSION, "m-gone", (0, 0))
+        await reads.until(keys.stream(SESSION, "m-gone"))
         hub.unsubscribe(gone)
         hub.unsubscribe(gone)  # twice is harmless
         await add(redis, keys, "m-keep", 0)  # ends the current read; the next omits m-gone
         await take(keep, 1)
-        read = await reads.until(keys.stream("m-gone"), present=False)
-        assert keys.stream("m-keep") in read.streams
+        read = await reads.until(keys.stream(SESSION, "m-gone"), present=False)
+        assert keys.stream(SESSION, "m-keep") in read.streams
 
 
 async def test_a_slow_subscriber_is_dropped_without_holding_up_the_others(
@@ -248,8 +254,8 @@ async def test_a_slow_subscriber_is_dropped_without_holding_up_the_others(
 ) -> None:
     keys = Keys.from_settings(settings)
     async with running_hub(settings, redis, queue_size=4) as (hub, _, metrics):
-        slow = await hub.subscribe("m-1", (0, 0))  # never reads
-        fast = await hub.subscribe("m-1", (0, 0))
+        slow = await hub.subscribe(SESSION, "m-1", (0, 0))  # never reads
+        fast = await hub.subscribe(SESSION, "m-1", (0, 0))
         ids = []
         for n in range(10):
             ids.append(await add(redis, keys, "m-1", n))
@@ -269,8 +275,8 @@ async def test_stop_ends_every_subscription(settings: Settings, redis: Redis) ->
     hub, reads, _ = new_hub(settings, redis, 100)
     hub.start()
     try:
-        subs = [await hub.subscribe(m, (0, 0)) for m in ("m-1", "m-2")]
-        await reads.until(keys.stream("m-2"))
+        subs = [await hub.subscribe(SESSION, m, (0, 0)) for m in ("m-1", "m-2")]
+        await reads.until(keys.stream(SESSION, "m-2"))
         await reads.blocked()
     finally:
         await close_hub(hub)
@@ -285,7 +291,7 @@ async def test_stop_ends_the_hub_even_when_the_cancel_lands_while_a_read_is_sent
     hub, reads, _ = new_hub(settings, redis, 100)
     hub.start()
     try:
-        sub = await hub.subscribe("m-1", (0, 0))
+        sub = await hub.subscribe(SESSION, "m-1", (0, 0))
         await add(redis, keys, "m-1", 0)
         await take(sub, 1)
         await reads.current()  # right after a delivery the hub is sending its next XREAD
@@ -300,11 +306,11 @@ async def test_an_idle_read_ends_normally_and_the_hub_stays_healthy(
 ) -> None:
     keys = Keys.from_settings(settings)
     async with running_hub(settings, redis) as (hub, reads, _):
-        sub = await hub.subscribe("m-1", (0, 0))
+        sub = await hub.subscribe(SESSION, "m-1", (0, 0))
         await add(redis, keys, "m-1", 0)
         await take(sub, 1)
         idle = await reads.current()  # nothing more arrives: it blocks for 10 s
-        assert keys.stream("m-1") in idle.streams
+        assert keys.stream(SESSION, "m-1") in idle.streams
         async with asyncio.timeout(15):
             error = await idle.ended
         assert error is None, repr(error)
@@ -318,9 +324,9 @@ async def test_stop_with_a_full_subscriber_queue_ends_every_subscription(
     hub, reads, _ = new_hub(settings, redis, 2)
     hub.start()
     try:
-        full = await hub.subscribe("m-1", (0, 0))
-        reader = await hub.subscribe("m-1", (0, 0))
-        other = await hub.subscribe("m-2", (0, 0))
+        full = await hub.subscribe(SESSION, "m-1", (0, 0))
+        reader = await hub.subscribe(SESSION, "m-1", (0, 0))
+        other = await hub.subscribe(SESSION, "m-2", (0, 0))
         await add(redis, keys, "m-1", 0)
         await add(redis, keys, "m-1", 1)
         await take(reader, 2)  # delivered to both at once: `full` now holds 2 of 2
@@ -334,9 +340,10 @@ async def test_stop_with_a_full_subscriber_queue_ends_every_subscription(
         for sub in (reader, other):
             assert sub.queue.get_nowait() is None
     finally:
-        if hub._task is not None:
-            hub._task.cancel()
-            await asyncio.gather(hub._task, return_exceptions=True)
+        tasks = [g.task for g in hub._groups.values() if g.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await hub.reader.aclose(close_connection_pool=True)
 
 
@@ -345,13 +352,13 @@ async def test_a_client_joining_just_after_the_last_one_left_gets_the_whole_stre
 ) -> None:
     keys = Keys.from_settings(settings)
     async with running_hub(settings, redis) as (hub, reads, _):
-        first = await hub.subscribe("m-1", (0, 0))
+        first = await hub.subscribe(SESSION, "m-1", (0, 0))
         ids = [await add(redis, keys, "m-1", 0)]
         await take(first, 1)
-        await reads.until(keys.stream("m-1"))  # the hub reads m-1 after ids[0] now
+        await reads.until(keys.stream(SESSION, "m-1"))  # the hub reads m-1 after ids[0] now
         await reads.blocked()
         hub.unsubscribe(first)  # the old tab's SSE connection closes
-        joining = asyncio.create_task(hub.subscribe("m-1", (0, 0)))  # the reloaded page
+        joining = asyncio.create_task(hub.subscribe(SESSION, "m-1", (0, 0)))  # the reloaded page
         ids.append(await add(redis, keys, "m-1", 1))  # the stream goes on meanwhile
         second = await joining
         ids.append(await add(redis, keys, "m-1", 2, "done"))
@@ -362,48 +369,50 @@ async def test_one_read_of_several_streams_and_the_wakeup_stream_delivers_each_e
     settings: Settings, redis: Redis, protocol: int
 ) -> None:
     """One XREAD, its reply parsed over RESP2 and RESP3: ids with a sequence above 0, several
-    streams, the wake-up stream, every field of each entry; then the next read starts after
-    the last id of each stream."""
+    streams (of sessions in three buckets: a single Redis reads them in one XREAD), the wake-up
+    stream, every field of each entry; then the next read starts after the last id of each
+    stream."""
     keys = Keys.from_settings(settings)
+    sa, sb, sc = "s-a", "s-b", "s-c"
+    assert len({keys.bucket(sa), keys.bucket(sb), keys.bucket(sc)}) == 3
     hub, reads, _ = new_hub(with_protocol(settings, protocol), redis, 100)  # not started
     try:
         fields = {b"e": b"chunk", b"s": b"1", b"d": b'{"text": "h\xc3\xa9"}'}
-        await redis.xadd(keys.stream("m-a"), fields, id="5-1")
-        await redis.xadd(keys.stream("m-a"), {b"e": b"done", b"s": b"2", b"d": b"{}"}, id="5-2")
-        await redis.xadd(keys.stream("m-b"), fields, id="7-0")
-        a = await hub.subscribe("m-a", (0, 0))
-        b = await hub.subscribe("m-b", (0, 0))
-        c = await hub.subscribe("m-c", (0, 0))  # nothing in it yet
-        read_from = dict(hub._cursors)
-        reply = await hub._xread(read_from)
+        await redis.xadd(keys.stream(sa, "m-a"), fields, id="5-1")
+        done = {b"e": b"done", b"s": b"2", b"d": b"{}"}
+        await redis.xadd(keys.stream(sa, "m-a"), done, id="5-2")
+        await redis.xadd(keys.stream(sb, "m-b"), fields, id="7-0")
+        a = await hub.subscribe(sa, "m-a", (0, 0))
+        b = await hub.subscribe(sb, "m-b", (0, 0))
+        c = await hub.subscribe(sc, "m-c", (0, 0))  # nothing in it yet
+        (group,) = hub._groups.values()  # a single Redis: one reader for every bucket
+        read_from = dict(group.cursors)
+        reply = await hub._xread(group, read_from)
         assert isinstance(reply, dict if protocol == 3 else list)  # both shapes are covered
-        hub._dispatch(reply, read_from)
-        assert [a.queue.get_nowait() for _ in range(2)] == [
-            ("5-1", fields),
-            ("5-2", {b"e": b"done", b"s": b"2", b"d": b"{}"}),
-        ]
+        hub._dispatch(group, reply, read_from)
+        assert [a.queue.get_nowait() for _ in range(2)] == [("5-1", fields), ("5-2", done)]
         assert b.queue.get_nowait() == ("7-0", fields)
         for sub in (a, b, c):
             assert sub.queue.empty()
-        woken = await redis.xrevrange(hub.wake_key, count=1)
-        assert hub._wake_id == woken[0][0].decode()  # the next read waits for a newer wake-up
+        woken = await redis.xrevrange(group.wake_key, count=1)
+        assert group.wake_id == woken[0][0].decode()  # the next read waits for a newer wake-up
 
-        await redis.xadd(keys.stream("m-a"), fields, id="5-10")
-        await redis.xadd(keys.stream("m-c"), fields, id="9-3")
-        read_from = dict(hub._cursors)
-        hub._dispatch(await hub._xread(read_from), read_from)
+        await redis.xadd(keys.stream(sa, "m-a"), fields, id="5-10")
+        await redis.xadd(keys.stream(sc, "m-c"), fields, id="9-3")
+        read_from = dict(group.cursors)
+        hub._dispatch(group, await hub._xread(group, read_from), read_from)
         read, again = reads.issued.get_nowait(), reads.issued.get_nowait()
         assert read.cursors == {
-            hub.wake_key: "0-0",
-            keys.stream("m-a"): "0-0",
-            keys.stream("m-b"): "0-0",
-            keys.stream("m-c"): "0-0",
+            group.wake_key: "0-0",
+            keys.stream(sa, "m-a"): "0-0",
+            keys.stream(sb, "m-b"): "0-0",
+            keys.stream(sc, "m-c"): "0-0",
         }
         assert again.cursors == {
-            hub.wake_key: hub._wake_id,
-            keys.stream("m-a"): "5-2",
-            keys.stream("m-b"): "7-0",
-            keys.stream("m-c"): "0-0",
+            group.wake_key: group.wake_id,
+            keys.stream(sa, "m-a"): "5-2",
+            keys.stream(sb, "m-b"): "7-0",
+            keys.stream(sc, "m-c"): "0-0",
         }
         assert a.queue.get_nowait() == ("5-10", fields)
         assert c.queue.get_nowait() == ("9-3", fields)
@@ -417,12 +426,12 @@ async def test_a_running_hub_streams_every_entry_over_either_protocol(
 ) -> None:
     keys = Keys.from_settings(settings)
     async with running_hub(with_protocol(settings, protocol), redis) as (hub, reads, _):
-        early = await hub.subscribe("m-1", (0, 0))
+        early = await hub.subscribe(SESSION, "m-1", (0, 0))
         ids = [await add(redis, keys, "m-1", n) for n in range(3)]
         await take(early, 3)
         await reads.blocked()
         # a client resuming at the 2nd entry, behind the hub: its gap comes as its backlog
-        resumed = await hub.subscribe("m-1", parse_id(ids[1]))
+        resumed = await hub.subscribe(SESSION, "m-1", parse_id(ids[1]))
         assert [i for i, _ in resumed.backlog] == ids[2:]
         ids.append(await add(redis, keys, "m-1", 3, "done"))
         assert after(await until_done(resumed), parse_id(ids[1])) == ids[2:]

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from api.hub import U64_MAX, parse_id
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.integration.test_hub import TIMEOUT, add, running_hub, take
+from tests.integration.test_hub import SESSION, TIMEOUT, add, running_hub, take
 
 
 async def test_a_stream_redis_refuses_to_read_ends_only_its_own_clients(
@@ -25,11 +25,11 @@ async def test_a_stream_redis_refuses_to_read_ends_only_its_own_clients(
 ) -> None:
     keys = Keys.from_settings(settings)
     await add(redis, keys, "honest", 0)
-    await redis.set(keys.stream("broken"), "not a stream")  # XREAD: WRONGTYPE
+    await redis.set(keys.stream(SESSION, "broken"), "not a stream")  # XREAD: WRONGTYPE
     async with running_hub(settings, redis) as (hub, reads, _):
-        honest = await hub.subscribe("honest", (0, 0))
+        honest = await hub.subscribe(SESSION, "honest", (0, 0))
         assert len(await take(honest, 1)) == 1
-        broken = await hub.subscribe("broken", (0, 0))
+        broken = await hub.subscribe(SESSION, "broken", (0, 0))
         async with asyncio.timeout(TIMEOUT):
             assert await broken.queue.get() is None, "the broken stream's client is ended"
         await reads.blocked()
@@ -46,8 +46,8 @@ async def test_a_first_client_from_the_future_does_not_hold_back_later_clients(
     keys = Keys.from_settings(settings)
     first_id = await add(redis, keys, "m", 0)
     async with running_hub(settings, redis) as (hub, reads, _):
-        future = await hub.subscribe("m", (U64_MAX, U64_MAX))  # valid, past the end
-        later = await hub.subscribe("m", (0, 0))
+        future = await hub.subscribe(SESSION, "m", (U64_MAX, U64_MAX))  # valid, past the end
+        later = await hub.subscribe(SESSION, "m", (0, 0))
         assert [i for i, _ in later.backlog] == [first_id]
         await reads.blocked()
         new_id = await add(redis, keys, "m", 1)

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from chatpipe.state import State
-from tests.e2e.cluster import apoll
+from tests.support.wait import apoll
 
 A, B = "instance-a", "instance-b"
 NOW = "2024-05-01T10:00:00.000000Z"
@@ -51,10 +51,11 @@ async def streaming(
     assert claim.outcome == "start"
 
 
-async def append(state: State, message_id: str, seqs: range) -> None:
+async def append(state: State, message_id: str, seqs: range, session_id: str = "s-1") -> None:
     async with state.redis.pipeline(transaction=False) as pipe:
         for seq in seqs:
-            state.append(pipe, message_id, "chunk", seq, {"seq": seq, "delta": f"t{seq}"})
+            data = {"seq": seq, "delta": f"t{seq}"}
+            state.append(pipe, session_id, message_id, "chunk", seq, data)
         await pipe.execute()
 
 
@@ -65,8 +66,8 @@ async def xrange(redis: Redis, key: str) -> StreamEntries:
     return cast(StreamEntries, await redis.xrange(key))
 
 
-async def events(state: State, message_id: str) -> list[tuple[str, int]]:
-    entries = await xrange(state.redis, state.keys.stream(message_id))
+async def events(state: State, message_id: str, session_id: str = "s-1") -> list[tuple[str, int]]:
+    entries = await xrange(state.redis, state.keys.stream(session_id, message_id))
     return [(f[b"e"].decode(), int(f[b"s"])) for _, f in entries]
 
 
@@ -76,14 +77,14 @@ async def events(state: State, message_id: str) -> list[tuple[str, int]]:
 async def test_accept_records_a_queued_message_once(state: State, redis: Redis) -> None:
     assert await state.accept("m-1", "s-1", "u-1", NOW) == "ok"
     assert await state.accept("m-1", "s-other", "u-2", NOW) == "queued"  # a retry: no overwrite
-    msg = await state.message("m-1")
+    msg = await state.message("s-1", "m-1")
     assert (msg["state"], msg["session"], msg["user"], msg["created"]) == (
         "queued",
         "s-1",
         "u-1",
         NOW,
     )
-    assert 86_000 < await redis.ttl(state.keys.msg("m-1")) <= 86_400
+    assert 86_000 < await redis.ttl(state.keys.msg("s-1", "m-1")) <= 86_400
 
 
 # --- cancel (the api's) --------------------------------------------------------------------
@@ -114,7 +115,7 @@ async def test_cancel_of_an_unknown_message_is_not_found_and_flags_nothing(
     state: State, redis: Redis, keys: Keys
 ) -> None:
     assert await state.cancel("s-1", "nobody") == "not_found"
-    assert not await redis.exists(keys.cancel("s-1", "nobody"), keys.msg("nobody"))
+    assert not await redis.exists(keys.cancel("s-1", "nobody"), keys.msg("s-1", "nobody"))
 
 
 async def test_cancel_with_another_session_id_is_not_found(
@@ -123,7 +124,7 @@ async def test_cancel_with_another_session_id_is_not_found(
     await queued(state, "m-1", "s-1")
     assert await state.cancel("s-intruder", "m-1") == "not_found"
     assert not await redis.exists(keys.cancel("s-intruder", "m-1"), keys.cancel("s-1", "m-1"))
-    assert (await state.message("m-1"))["state"] == "queued"
+    assert (await state.message("s-1", "m-1"))["state"] == "queued"
 
 
 async def test_cancel_of_a_finished_message_answers_its_final_state(state: State) -> None:
@@ -143,18 +144,18 @@ async def test_claim_starts_a_queued_message(state: State, redis: Redis, keys: K
     await queued(state)
     claim = await state.claim("m-1", "s-1", "u-1", A, NOW)
     assert (claim.outcome, claim.restart, claim.next_seq) == ("start", False, 0)
-    msg = await state.message("m-1")
+    msg = await state.message("s-1", "m-1")
     assert (msg["state"], msg["owner"], msg["started"]) == ("streaming", A, NOW)
     assert await state.get_active_stream("s-1") == "m-1"  # the seed's key, for its callers
     assert 290 < await redis.ttl(keys.active("s-1")) <= 300
-    assert await redis.get(keys.lease("m-1")) == A.encode()
-    assert 9000 < await redis.pttl(keys.lease("m-1")) <= 10_000
+    assert await redis.get(keys.lease("s-1", "m-1")) == A.encode()
+    assert 9000 < await redis.pttl(keys.lease("s-1", "m-1")) <= 10_000
 
 
 async def test_claim_of_a_message_never_seen_starts_it(state: State) -> None:
     claim = await state.claim("m-kafka-only", "s-1", None, A, NOW)  # produced straight to Kafka
     assert claim.outcome == "start"
-    assert (await state.message("m-kafka-only"))["state"] == "streaming"
+    assert (await state.message("s-1", "m-kafka-only"))["state"] == "streaming"
 
 
 async def test_claim_when_the_flag_is_set_answers_cancel_and_never_streams(
@@ -164,7 +165,7 @@ async def test_claim_when_the_flag_is_set_answers_cancel_and_never_streams(
     assert await state.cancel("s-1", "m-1") == "cancelled"
     claim = await state.claim("m-1", "s-1", "u-1", A, NOW)
     assert claim.outcome == "cancel"
-    assert (await state.message("m-1"))["state"] == "queued"
+    assert (await state.message("s-1", "m-1"))["state"] == "queued"
     assert not await redis.exists(keys.active("s-1"))
     done = await state.finish("m-1", "s-1", A, "cancelled", "cancelled by user", 0, NOW)
     assert (done.state, done.already) == ("cancelled", False)
@@ -174,7 +175,7 @@ async def test_claim_when_the_flag_is_set_answers_cancel_and_never_streams(
 async def test_claim_of_a_final_message_answers_final(state: State) -> None:
     await streaming(state)
     await state.finish("m-1", "s-1", A, "completed", "", 1, NOW)
-    await state.published("m-1", A)  # its terminal event is acked by Kafka
+    await state.published("s-1", "m-1", A)  # its terminal event is acked by Kafka
     claim = await state.claim("m-1", "s-1", "u-1", B, NOW)  # a redelivery after a rebalance
     assert (claim.outcome, claim.detail) == ("final", "completed")
 
@@ -185,8 +186,8 @@ async def test_claim_while_another_instance_holds_the_lease_answers_owned(
     await streaming(state, owner=A)
     claim = await state.claim("m-1", "s-1", "u-1", B, NOW)
     assert (claim.outcome, claim.detail) == ("owned", A)
-    assert await redis.get(keys.lease("m-1")) == A.encode()
-    assert (await state.message("m-1"))["owner"] == A
+    assert await redis.get(keys.lease("s-1", "m-1")) == A.encode()
+    assert (await state.message("s-1", "m-1"))["owner"] == A
 
 
 async def test_two_instances_claiming_at_once_only_one_starts(state: State) -> None:
@@ -202,12 +203,12 @@ async def test_claim_after_the_lease_vanished_restarts_after_the_last_seq(
 ) -> None:
     await streaming(state, owner=A)
     await append(state, "m-1", range(6))  # started 0 + chunks: A got to seq 5, then died
-    await redis.delete(keys.lease("m-1"))  # its lease lapsed
+    await redis.delete(keys.lease("s-1", "m-1"))  # its lease lapsed
     claim = await state.claim("m-1", "s-1", "u-1", B, NOW)
     assert (claim.outcome, claim.restart, claim.next_seq) == ("start", True, 6)
-    msg = await state.message("m-1")
+    msg = await state.message("s-1", "m-1")
     assert (msg["state"], msg["owner"]) == ("streaming", B)
-    assert await redis.get(keys.lease("m-1")) == B.encode()
+    assert await redis.get(keys.lease("s-1", "m-1")) == B.encode()
 
 
 # --- finish --------------------------------------------------------------------------------
@@ -221,14 +222,14 @@ async def test_finish_is_exactly_once(state: State, redis: Redis, keys: Keys) ->
     second = await state.finish("m-1", "s-1", A, "failed", "late error", 5, NOW)
     assert (second.state, second.already) == ("completed", True)
     assert await events(state, "m-1") == [("done", 4)]  # one terminal event on the stream
-    msg = await state.message("m-1")
+    msg = await state.message("s-1", "m-1")
     assert (msg["state"], msg["finished"]) == ("completed", NOW)
     # the finisher keeps the lease until the terminal is acked by Kafka, then releases it
-    assert await redis.get(keys.lease("m-1")) == A.encode()
-    await state.published("m-1", A)
-    assert not await redis.exists(keys.lease("m-1"))
-    assert 1700 < await redis.ttl(keys.msg("m-1")) <= 1800
-    assert 1700 < await redis.ttl(keys.stream("m-1")) <= 1800
+    assert await redis.get(keys.lease("s-1", "m-1")) == A.encode()
+    await state.published("s-1", "m-1", A)
+    assert not await redis.exists(keys.lease("s-1", "m-1"))
+    assert 1700 < await redis.ttl(keys.msg("s-1", "m-1")) <= 1800
+    assert 1700 < await redis.ttl(keys.stream("s-1", "m-1")) <= 1800
 
 
 async def test_finish_failed_after_a_handler_crash_ends_the_message_after_its_last_chunk(
@@ -240,17 +241,17 @@ async def test_finish_failed_after_a_handler_crash_ends_the_message_after_its_la
     await append(state, "m-1", range(1, 3))
     done = await state.finish("m-1", "s-1", A, "failed", "internal error (KeyError)", 3, NOW)
     assert (done.state, done.reason, done.already) == ("failed", "internal error (KeyError)", False)
-    msg = await state.message("m-1")
+    msg = await state.message("s-1", "m-1")
     assert (msg["state"], msg["reason"], msg["finished"]) == (
         "failed",
         "internal error (KeyError)",
         NOW,
     )
     assert await events(state, "m-1") == [("chunk", 1), ("chunk", 2), ("done", 3)]
-    fields = (await xrange(redis, keys.stream("m-1")))[-1][1]
+    fields = (await xrange(redis, keys.stream("s-1", "m-1")))[-1][1]
     assert orjson.loads(fields[b"d"]) == {"status": "failed", "reason": "internal error (KeyError)"}
-    await state.published("m-1", A)
-    assert not await redis.exists(keys.lease("m-1"))
+    await state.published("s-1", "m-1", A)
+    assert not await redis.exists(keys.lease("s-1", "m-1"))
 
 
 async def test_finish_completed_while_the_flag_is_set_ends_cancelled(
@@ -260,9 +261,9 @@ async def test_finish_completed_while_the_flag_is_set_ends_cancelled(
     assert await state.cancel("s-1", "m-1") == "cancelled"
     done = await state.finish("m-1", "s-1", A, "completed", "", 9, NOW)
     assert (done.state, done.reason) == ("cancelled", "cancelled by user")
-    assert (await state.message("m-1"))["state"] == "cancelled"
+    assert (await state.message("s-1", "m-1"))["state"] == "cancelled"
     assert not await redis.exists(keys.cancel("s-1", "m-1"))  # the flag did its work
-    entries = await xrange(redis, keys.stream("m-1"))
+    entries = await xrange(redis, keys.stream("s-1", "m-1"))
     fields = entries[-1][1]
     assert (fields[b"e"], fields[b"s"]) == (b"done", b"9")
     assert orjson.loads(fields[b"d"]) == {"status": "cancelled", "reason": "cancelled by user"}
@@ -286,7 +287,7 @@ async def test_finish_deletes_the_active_key_only_if_it_names_this_message(
     await redis.set(keys.active("s-1"), "m-2")  # the session's next message is streaming now
     await state.finish("m-1", "s-1", A, "completed", "", 1, NOW)
     assert await state.get_active_stream("s-1") == "m-2"
-    await redis.delete(keys.lease("m-1"))
+    await redis.delete(keys.lease("s-1", "m-1"))
     await streaming(state, "m-3", "s-1")
     await state.finish("m-3", "s-1", A, "completed", "", 1, NOW)
     assert await state.get_active_stream("s-1") is None
@@ -296,10 +297,10 @@ async def test_finish_by_an_instance_that_lost_the_lease_changes_nothing(
     state: State, redis: Redis, keys: Keys
 ) -> None:
     await streaming(state, owner=A)
-    await redis.set(keys.lease("m-1"), B)  # B took over
+    await redis.set(keys.lease("s-1", "m-1"), B)  # B took over
     done = await state.finish("m-1", "s-1", A, "completed", "", 3, NOW)
     assert (done.state, done.already) == (f"owned:{B}", True)
-    assert (await state.message("m-1"))["state"] == "streaming"
+    assert (await state.message("s-1", "m-1"))["state"] == "streaming"
     assert await events(state, "m-1") == []
 
 
@@ -326,11 +327,11 @@ async def test_mirror_cancel_flags_unknown_queued_and_streaming_messages(
     assert await mirror(state, "s-1", "m-s") == 1
     assert 0 < await redis.ttl(keys.cancel("s-1", "m-s")) <= 60
     # it invents no message: only the cancel, kept for when its request comes (as the flag)
-    assert await redis.hgetall(keys.msg("m-unknown")) == {
+    assert await redis.hgetall(keys.msg("s-1", "m-unknown")) == {
         b"cancel_requested": b"1",
         b"cancel_source": b"kafka",  # for the cancel metrics, once it ends
     }
-    assert 7100 < await redis.ttl(keys.msg("m-unknown")) <= 7200
+    assert 7100 < await redis.ttl(keys.msg("s-1", "m-unknown")) <= 7200
 
 
 async def test_mirror_cancel_of_a_final_message_flags_nothing(
@@ -349,10 +350,10 @@ async def test_refresh_extends_own_leases_and_active_keys(
     state: State, redis: Redis, keys: Keys
 ) -> None:
     await streaming(state, "m-1", "s-1", owner=A)
-    await redis.pexpire(keys.lease("m-1"), 500)
+    await redis.pexpire(keys.lease("s-1", "m-1"), 500)
     await redis.expire(keys.active("s-1"), 5)
     assert await state.refresh_leases([("m-1", "s-1")], A) == []
-    assert 9000 < await redis.pttl(keys.lease("m-1")) <= 10_000
+    assert 9000 < await redis.pttl(keys.lease("s-1", "m-1")) <= 10_000
     assert 290 < await redis.ttl(keys.active("s-1")) <= 300
 
 
@@ -362,13 +363,13 @@ async def test_refresh_retakes_a_vanished_lease_and_reports_one_held_by_another(
     await streaming(state, "m-1", "s-1", owner=A)
     await streaming(state, "m-2", "s-2", owner=A)
     await streaming(state, "m-3", "s-3", owner=A)
-    await redis.delete(keys.lease("m-1"))  # Redis restarted empty, say
-    await redis.set(keys.lease("m-2"), B)  # B took m-2 over
+    await redis.delete(keys.lease("s-1", "m-1"))  # Redis restarted empty, say
+    await redis.set(keys.lease("s-2", "m-2"), B)  # B took m-2 over
     owned = [("m-1", "s-1"), ("m-2", "s-2"), ("m-3", "s-3")]
     assert await state.refresh_leases(owned, A) == [1]
-    assert await redis.get(keys.lease("m-1")) == A.encode()
-    assert await redis.get(keys.lease("m-2")) == B.encode()  # not stolen back
-    assert await redis.get(keys.lease("m-3")) == A.encode()
+    assert await redis.get(keys.lease("s-1", "m-1")) == A.encode()
+    assert await redis.get(keys.lease("s-2", "m-2")) == B.encode()  # not stolen back
+    assert await redis.get(keys.lease("s-3", "m-3")) == A.encode()
     assert await state.refresh_leases([], A) == []
 
 
@@ -398,7 +399,7 @@ async def test_a_run_taken_over_writes_nothing_more_and_cannot_refresh_or_finish
     await queued(state)
     first = await state.claim("m-1", "s-1", "u-1", A, NOW)
     assert await write(state, "m-1", first.epoch, 1, first=True) == 0
-    await redis.delete(keys.lease("m-1"))  # A froze past its lease
+    await redis.delete(keys.lease("s-1", "m-1"))  # A froze past its lease
     second = await state.claim("m-1", "s-1", "u-1", B, NOW)
     assert (second.outcome, second.restart) == ("start", True)
     assert second.epoch != first.epoch
@@ -409,11 +410,11 @@ async def test_a_run_taken_over_writes_nothing_more_and_cannot_refresh_or_finish
     assert late.already
     done = await state.finish("m-1", "s-1", B, "completed", "", 3, NOW, epoch=second.epoch)
     assert not done.already
-    await state.published("m-1", B)
+    await state.published("s-1", "m-1", B)
     # the message is final and its lease released: A's refresh must not take it again, nor
     # may A write
     assert await state.refresh_leases([("m-1", "s-1", first.epoch)], A) == [0]
-    assert not await redis.exists(keys.lease("m-1"))
+    assert not await redis.exists(keys.lease("s-1", "m-1"))
     assert await write(state, "m-1", second.epoch, 4) == -1
     assert await events(state, "m-1") == [("chunk", 1), ("chunk", 2), ("done", 3)]
 
@@ -426,7 +427,7 @@ async def test_a_terminal_never_acked_by_kafka_is_published_again_by_the_next_cl
     await state.finish("m-1", "s-1", A, "failed", "upstream", 7, NOW, epoch=run.epoch, chunks=5)
     # A is publishing (its lease is kept): a redelivery elsewhere waits for it
     assert (await state.claim("m-1", "s-1", "u-1", B, NOW)).outcome == "owned"
-    await redis.delete(keys.lease("m-1"))  # A died before Kafka acked the terminal
+    await redis.delete(keys.lease("s-1", "m-1"))  # A died before Kafka acked the terminal
     claim = await state.claim("m-1", "s-1", "u-1", B, NOW)
     assert (claim.outcome, claim.detail, claim.next_seq, claim.reason, claim.chunks) == (
         "republish",
@@ -435,7 +436,7 @@ async def test_a_terminal_never_acked_by_kafka_is_published_again_by_the_next_cl
         "upstream",
         5,
     )
-    await state.published("m-1", B)
+    await state.published("s-1", "m-1", B)
     assert (await state.claim("m-1", "s-1", "u-1", B, NOW)).outcome == "final"
 
 
@@ -445,7 +446,7 @@ async def test_a_cancel_outlives_its_flag_for_as_long_as_the_message_can_be_clai
     await streaming(state)
     assert await state.cancel("s-1", "m-1") == "cancelled"
     await redis.delete(keys.cancel("s-1", "m-1"))  # CANCEL_TTL_S passed
-    await redis.delete(keys.lease("m-1"))  # and its owner died
+    await redis.delete(keys.lease("s-1", "m-1"))  # and its owner died
     claim = await state.claim("m-1", "s-1", "u-1", B, NOW)  # the takeover
     assert claim.outcome == "cancel"
     # and so does FINISH
@@ -461,8 +462,8 @@ async def test_a_kafka_only_cancel_before_its_request_outlives_its_flag(
     async with redis.pipeline(transaction=False) as pipe:
         await state.observe(pipe, "m-1", "s-1", "u-1", NOW)
         await pipe.execute()
-    assert (await state.message("m-1"))["state"] == "queued"
-    assert 86_300 < await redis.ttl(keys.msg("m-1")) <= 86_400
+    assert (await state.message("s-1", "m-1"))["state"] == "queued"
+    assert 86_300 < await redis.ttl(keys.msg("s-1", "m-1")) <= 86_400
     assert (await state.claim("m-1", "s-1", "u-1", A, NOW)).outcome == "cancel"
 
 
@@ -483,10 +484,10 @@ async def test_a_streaming_message_stream_has_a_ttl_from_its_first_event(
     await queued(state)
     run = await state.claim("m-1", "s-1", "u-1", A, NOW)
     assert await write(state, "m-1", run.epoch, 0, first=True) == 0
-    assert 290 < await redis.ttl(keys.stream("m-1")) <= 300  # an abandoned one lapses
-    await redis.expire(keys.stream("m-1"), 10)
+    assert 290 < await redis.ttl(keys.stream("s-1", "m-1")) <= 300  # an abandoned one lapses
+    await redis.expire(keys.stream("s-1", "m-1"), 10)
     assert await state.refresh_leases([("m-1", "s-1", run.epoch)], A) == []
-    assert 290 < await redis.ttl(keys.stream("m-1")) <= 300  # refreshed with the lease
+    assert 290 < await redis.ttl(keys.stream("s-1", "m-1")) <= 300  # refreshed with the lease
 
 
 async def test_a_withdrawn_message_is_skipped_by_a_claim_and_its_retry_is_accepted_anew(
@@ -496,7 +497,7 @@ async def test_a_withdrawn_message_is_skipped_by_a_claim_and_its_retry_is_accept
     Kafka took late is not answered; the client's retry with the same message_id is."""
     await queued(state)
     assert await state.withdraw("m-1", "s-1")
-    assert not await state.exists("m-1")  # its stream URL answers 404
+    assert not await state.exists("s-1", "m-1")  # its stream URL answers 404
     late = await state.claim("m-1", "s-1", "u-1", A, NOW)
     assert (late.outcome, late.detail) == ("final", "withdrawn")
     assert await state.accept("m-1", "s-1", "u-1", NOW) == "ok"  # the retry
@@ -508,7 +509,7 @@ async def test_a_message_a_consumer_has_is_not_withdrawn(state: State) -> None:
     await queued(state)
     await state.claim("m-1", "s-1", "u-1", A, NOW)  # Kafka had it after all
     assert not await state.withdraw("m-1", "s-1")
-    assert (await state.message("m-1"))["state"] == "streaming"
+    assert (await state.message("s-1", "m-1"))["state"] == "streaming"
 
 
 async def test_a_lapsed_lease_is_found_with_its_request_and_leaves_the_set_when_finished(
@@ -524,19 +525,19 @@ async def test_a_lapsed_lease_is_found_with_its_request_and_leaves_the_set_when_
     assert first.outcome == "start"
     assert await state.lapsed(10) == []  # A's lease runs
 
-    async def lapsed() -> list[str] | None:
+    async def lapsed() -> list[tuple[str, str]] | None:
         return await state.lapsed(10) or None
 
-    assert await apoll("A's lease to lapse", lapsed, within=5) == ["m-1"]
-    assert await state.takeover_request("m-1") == request
+    assert await apoll("A's lease to lapse", lapsed, within=5) == [("s-1", "m-1")]
+    assert await state.takeover_request("s-1", "m-1") == request
     taken = await state.claim("m-1", "s-1", "u-1", B, NOW)  # the request is kept as it was
     assert (taken.outcome, taken.restart) == ("start", True)
     assert taken.epoch != first.epoch
     assert await state.lapsed(10) == []  # B's lease runs
     await state.finish("m-1", "s-1", B, "completed", "", 3, NOW, epoch=taken.epoch)
-    assert await state.takeover_request("m-1") is None
-    assert await redis.zcard(state.keys.leases()) == 0
-    assert "request" not in await state.message("m-1")
+    assert await state.takeover_request("s-1", "m-1") is None
+    assert await redis.zcard(state.keys.leases(state.keys.bucket("s-1"))) == 0
+    assert "request" not in await state.message("s-1", "m-1")
 
 
 async def test_a_sessions_open_messages_are_its_queued_and_streaming_ones(state: State) -> None:
@@ -558,9 +559,9 @@ async def test_if_busy_reject_names_the_open_message_and_queues_nothing(
     await queued(state, "m-1")
     answer = await state.accept("m-2", "s-1", "u-1", NOW, reject_if_busy=True)
     assert answer == "busy:m-1"
-    assert not await redis.exists(keys.msg("m-2"))
+    assert not await redis.exists(keys.msg("s-1", "m-2"))
     assert await state.accept("m-2", "s-other", "u-1", NOW, reject_if_busy=True) == "ok"
-    await redis.delete(keys.msg("m-1"))  # gone (expired): the session is not busy any more
+    await redis.delete(keys.msg("s-1", "m-1"))  # gone (expired): the session is not busy any more
     assert await state.accept("m-3", "s-1", "u-1", NOW, reject_if_busy=True) == "ok"
     assert await state.open_messages("s-1") == [("m-3", "queued")]
 
@@ -572,7 +573,7 @@ async def test_finish_appends_the_turn_to_the_sessions_history_once(
     for n in range(3):
         m = f"m-{n}"
         assert await state.accept(m, "s-1", "u-1", NOW, message=f"q{n}") == "ok"
-        assert (await state.message(m))["message"] == f"q{n}"  # shown while queued
+        assert (await state.message("s-1", m))["message"] == f"q{n}"  # shown while queued
         assert (await state.claim(m, "s-1", "u-1", A, NOW)).outcome == "start"
         fin = await state.finish(
             m, "s-1", A, "completed", "", 3, NOW, message=f"q{n}", answer="abcdefg"
@@ -582,7 +583,7 @@ async def test_finish_appends_the_turn_to_the_sessions_history_once(
             m, "s-1", A, "completed", "", 3, NOW, message=f"q{n}", answer="x"
         )
         assert again.already
-        assert "message" not in await state.message(m)  # the turn holds it now
+        assert "message" not in await state.message("s-1", m)  # the turn holds it now
     turns = await state.history("s-1")
     assert [(t.message_id, t.message, t.answer, t.status, t.truncated) for t in turns] == [
         ("m-1", "q1", "abcde", "completed", True),  # the oldest was dropped; answers cut at 5
@@ -607,22 +608,22 @@ async def test_a_refused_request_leaves_no_turn_and_history_off_keeps_none(
 async def test_the_answer_so_far_restarts_with_a_takeover(state: State) -> None:
     await streaming(state)
     await append(state, "m-1", range(1, 3))
-    assert await state.answer_so_far("m-1") == "t1t2"
+    assert await state.answer_so_far("s-1", "m-1") == "t1t2"
     async with state.redis.pipeline(transaction=False) as pipe:
-        state.append(pipe, "m-1", "restart", 3, {"seq": 3})
+        state.append(pipe, "s-1", "m-1", "restart", 3, {"seq": 3})
         await pipe.execute()
     await append(state, "m-1", range(4, 5))
-    assert await state.answer_so_far("m-1") == "t4"
+    assert await state.answer_so_far("s-1", "m-1") == "t4"
 
 
 async def test_who_handled_a_message_is_recorded_without_recreating_a_gone_one(
     state: State, redis: Redis
 ) -> None:
     await streaming(state)
-    await state.served("m-1", "api-2")
+    await state.served("s-1", "m-1", "api-2")
     assert await state.cancel("s-1", "m-1", instance_id="api-1") == "cancelled"
     assert await state.cancel("s-1", "m-1", instance_id="api-3") == "repeated"
-    fields = await state.message("m-1")
+    fields = await state.message("s-1", "m-1")
     assert (fields["served_by"], fields["cancelled_by"], fields["owner"]) == ("api-2", "api-1", A)
-    await state.served("m-gone", "api-2")  # its state expired: no key without a TTL appears
-    assert await redis.exists(state.keys.msg("m-gone")) == 0
+    await state.served("s-1", "m-gone", "api-2")  # its state expired: no key without a TTL appears
+    assert await redis.exists(state.keys.msg("s-1", "m-gone")) == 0

@@ -427,7 +427,7 @@ def test_asyncapi_structure() -> None:
     keys, headers and payload files, examples valid against their schemas."""
     doc = committed(contract.ASYNCAPI_FILE)
     assert doc["asyncapi"] == "3.0.0"
-    assert doc["info"]["version"] == "1.5.0"
+    assert doc["info"]["version"] == "1.6.0"
     assert doc["info"]["title"] == "chatpipe"
     assert doc["defaultContentType"] == "application/json"
     addresses = {c["address"]: c for c in doc["channels"].values()}
@@ -569,7 +569,7 @@ async def test_real_records_validate(topics: Settings, redis: Redis, tmp_path: P
                 async with http.stream("GET", f"/api/chat/{message_id}/stream") as sse:
                     async for event in sse_events(sse):
                         if event.event == "done":
-                            done[message_id] = event.data["status"]
+                            done[message_id] = event.json()["status"]
                             break
             async with http.stream("GET", "/api/chat/m-long/stream") as sse:
                 async for event in sse_events(sse):
@@ -580,7 +580,7 @@ async def test_real_records_validate(topics: Settings, redis: Redis, tmp_path: P
                         assert cancel.json()["status"] == "cancelled"
                         done["m-long"] = "cancel sent"
                     if event.event == "done":
-                        done["m-long"] = event.data["status"]
+                        done["m-long"] = event.json()["status"]
                         break
             assert done == {"m-short": "completed", "m-camel": "completed", "m-long": "cancelled"}
             msg = Keys.from_settings(settings).msg

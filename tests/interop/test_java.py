@@ -102,7 +102,7 @@ async def test_a_spring_request_is_answered_to_a_spring_consumer(
     settings = topics
     session_id, message_id = "s-spring", f"m-java-{jackson}"
     async with chatpipe_stack(settings, tmp_path, sim_tokens=20, sim_token_delay_ms=5) as stack:
-        consumer = await java.start_consumer([message_id], jackson=jackson, timeout_s=60)
+        consumer = java.start_consumer([message_id], jackson=jackson, timeout_s=60)
         sent = await asyncio.to_thread(
             java.produce, "request", session_id, message_id, "--text", "hi", jackson=jackson
         )
@@ -131,9 +131,9 @@ async def test_a_spring_request_is_answered_to_a_spring_consumer(
     assert events[0]["restart"] is None
     # the Spring consumer reads the same answer as the browser
     java_text = "".join(e["delta"] for e in events if e["type"] == "chat.chunk")
-    assert java_text == "".join(e.data["delta"] for e in browser if e.event == "chunk")
+    assert java_text == "".join(e.json()["delta"] for e in browser if e.event == "chunk")
     assert browser[-1].event == "done"
-    assert browser[-1].data["status"] == "completed"
+    assert browser[-1].json()["status"] == "completed"
 
     await check_spring_record(
         settings, settings.requests_topic, session_id, sent, "chat.request", jackson
@@ -152,7 +152,7 @@ async def test_a_spring_cancel_stops_a_spring_request(
         chatpipe_stack(settings, tmp_path, sim_tokens=tokens, sim_token_delay_ms=20) as stack,
         httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
     ):
-        consumer = await java.start_consumer([message_id], jackson=jackson, timeout_s=60)
+        consumer = java.start_consumer([message_id], jackson=jackson, timeout_s=60)
         await asyncio.to_thread(java.produce, "request", session_id, message_id, jackson=jackson)
         chunks: list[int] = []
         done: Json = {}
@@ -161,20 +161,20 @@ async def test_a_spring_cancel_stops_a_spring_request(
             assert sse.status_code == 200
             async for sse_event in sse_events(sse):
                 if sse_event.event == "chunk":
-                    chunks.append(sse_event.data["seq"])
+                    chunks.append(sse_event.json()["seq"])
                     if len(chunks) == 3:
                         sent = await asyncio.to_thread(
                             java.produce, "cancel", session_id, message_id, jackson=jackson
                         )
                 elif sse_event.event == "done":
-                    done = sse_event.data
+                    done = sse_event.json()
                     break
         assert done["status"] == "cancelled", done
         assert sent, "the stream ended before the cancel was sent"
         assert chunks == sorted(set(chunks))
         assert len(chunks) < tokens
         assert await consumer.wait_exit(30) == 0, consumer.tail()
-        state = await redis.hget(Keys.from_settings(settings).msg(message_id), "state")
+        state = await redis.hget(Keys.from_settings(settings).msg(session_id, message_id), "state")
         assert state == b"cancelled"
 
         # chatpipe tombstones the Spring cancel's own key: compaction can drop it
@@ -233,13 +233,13 @@ async def test_a_spring_session_cancel_stops_the_streaming_and_the_queued_reques
                         java.produce, "session-cancel", session_id, None, jackson=jackson
                     )
                 elif sse_event.event == "done":
-                    assert sse_event.data["status"] == "cancelled", sse_event.data
+                    assert sse_event.json()["status"] == "cancelled", sse_event.json()
                     break
         async with asyncio.timeout(60), http.stream("GET", f"/api/chat/{queued}/stream") as sse:
             events = [e async for e in sse_events(sse)]
         assert [e.event for e in events] == ["done"]  # never started
-        assert events[0].data["status"] == "cancelled"
-        assert await redis.hget(keys.msg(queued), "state") == b"cancelled"
+        assert events[0].json()["status"] == "cancelled"
+        assert await redis.hget(keys.msg(session_id, queued), "state") == b"cancelled"
     assert sent["key"] == "s-spring%3A" + str(jackson)
     value = await check_spring_record(
         settings, settings.cancels_topic, sent["key"], sent, "chat.session_cancel", jackson
@@ -295,7 +295,7 @@ async def test_every_event_type_deserialises_in_spring(
     finally:
         await producer.stop()
 
-    consumer = await java.start_consumer(
+    consumer = java.start_consumer(
         ["m-failed", "m-bare", "m-cancelled"], jackson=jackson, timeout_s=30
     )
     assert await consumer.wait_exit(60) == 0, consumer.tail()
@@ -350,7 +350,7 @@ async def test_a_poison_record_on_responses_is_reported_not_fatal(
             await producer.send_and_wait(settings.responses_topic, value, key=b"s-py")
     finally:
         await producer.stop()
-    consumer = await java.start_consumer(["m-after"], timeout_s=30)
+    consumer = java.start_consumer(["m-after"], timeout_s=30)
     assert await consumer.wait_exit(60) == 4, consumer.tail()
     lines = consumer.json_lines()
     assert "error" in lines[0]
@@ -381,5 +381,5 @@ async def test_a_spring_request_with_an_unset_date_is_answered(
     ]
     assert [w["createdAt"] for w in written] == [None]  # what Jackson wrote
     assert [e.event for e in browser] == ["chunk"] * 3 + ["done"]
-    assert browser[-1].data["status"] == "completed"
+    assert browser[-1].json()["status"] == "completed"
     assert await read_topic(settings, settings.dlq_topic) == []

@@ -24,9 +24,10 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
 from chatpipe.clients import make_consumer
+from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import apoll
 from tests.providers.procs import Proc, msg_starts, start, start_api, start_consumer, stopping
+from tests.support.wait import apoll
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "operations.md"
@@ -49,6 +50,7 @@ TESTED = {
     "lag",
     "redis-keys",
     "redis-message",
+    "redis-where",
     "redis-cancel-flag",
     "logs",
 }
@@ -275,7 +277,7 @@ async def test_cancels_read_back_with_keys_and_tombstones_and_flag_redis(
     # an ai_consumer starting now replays the topic: one live cancel, the tombstoned one not
     consumer = await start_consumer(topics, tmp_path, "ai-1", **FAST)
     async with stopping(consumer):
-        replayed = await consumer.line(msg_starts("replayed"))
+        replayed = await consumer.log_line(msg_starts("replayed"), within=30)
         assert replayed["msg"] == f"replayed {topics.cancels_topic}: 1 live cancels re-flagged"
         flag, ttl = (await ops.run("redis-cancel-flag", **live)).split()
         assert flag == "1"
@@ -307,9 +309,9 @@ async def test_a_session_cancel_from_kcat_stops_a_request_no_consumer_has_fetche
     the listener has the session's cancel time, the consumer that starts ends it cancelled."""
     ops = Ops(topics, tmp_path)
     ids = {"session_id": new_id("s"), "message_id": new_id("m")}
-    listener = await start("cancel_listener", topics, tmp_path, "listener-1", **FAST)
+    listener = start("cancel_listener", topics, tmp_path, "listener-1", **FAST)
     async with stopping(listener):
-        await listener.line(msg_starts("replayed"))
+        await listener.log_line(msg_starts("replayed"), within=30)
         await ops.run("publish-request", **ids)
         await ops.run("publish-session-cancel", **ids)
 
@@ -395,8 +397,13 @@ async def test_a_request_published_with_kcat_is_answered_and_inspectable(
             assert active == ""  # GET of a deleted key: an empty line
 
             keys = (await ops.run("redis-keys")).split()
-            msg_keys = {f"{topics.key_prefix}chat:msg:{ids['message_id']}" for ids in (a, b, c)}
-            assert set(keys) == msg_keys  # no chat:active:* (nothing streams), the 3 messages
+            # key layout 2: chat:{<bucket>}:msg:<message_id>, in its session's bucket
+            k = Keys.from_settings(topics)
+            msg_keys = {k.msg(ids["session_id"], ids["message_id"]) for ids in (a, b, c)}
+            assert set(keys) == msg_keys  # no active key (nothing streams), the 3 messages
+            # a message known by its id alone: its session (the ai_consumer recorded it: OBSERVE)
+            for ids in (a, b, c):
+                assert (await ops.run("redis-where", **ids)).split("\n") == [ids["session_id"], ""]
 
             health = await ops.run("health")
             assert '"status":"ok"' in health

@@ -95,13 +95,13 @@ async def test_kafka_requests_are_claimed_only_by_the_session_owner(
     assert (await state.claim("m-anon", "s1", None, "i1", NOW)).detail == "user"
     hijack = await state.claim("m1", "s1", "bob", "i1", NOW)  # bob replays alice's record
     assert (hijack.outcome, hijack.detail) == ("forbidden", "message")
-    assert await state.message("m1") == {
+    assert await state.message("s1", "m1") == {
         "state": "queued",
         "session": "s1",
         "user": "alice",
         "created": NOW,
     }
-    assert not await redis.exists(state.keys.lease("m1"))
+    assert not await redis.exists(state.keys.lease("s1", "m1"))
 
     assert (await state.claim("m1", "s1", "alice", "i1", NOW)).outcome == "start"
     # a session first seen on Kafka is owned by that record's user

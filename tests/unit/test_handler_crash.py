@@ -74,13 +74,17 @@ class FakeState:
         )
         return Finish(wanted, reason, "1-0")
 
-    async def published(self, message_id: str, instance_id: str) -> None:
+    async def published(self, session_id: str, message_id: str, instance_id: str) -> None:
         return None
 
     async def history(self, session_id: str) -> list[Any]:
         return []
 
-    async def answer_so_far(self, message_id: str) -> str:
+    async def next_seq(self, session_id: str, message_id: str) -> int:
+        last = await self.redis.xrevrange(self.keys.stream(session_id, message_id), count=1)
+        return int(last[0][1][b"s"]) + 1 if last else 0
+
+    async def answer_so_far(self, session_id: str, message_id: str) -> str:
         return ""
 
 
@@ -90,7 +94,8 @@ class FakeSink:
         self.published: list[dict[str, Any]] = []
 
     async def emit(self, out: Any) -> int:
-        entries = self.state.redis.streams.setdefault(self.state.keys.stream(out.message_id), [])
+        key = self.state.keys.stream(out.session_id, out.message_id)
+        entries = self.state.redis.streams.setdefault(key, [])
         entries.append((f"{len(entries) + 1}-0".encode(), {b"s": str(out.seq).encode()}))
         return 0  # written
 

@@ -81,7 +81,11 @@ class FakeState:
         first: bool = False,
     ) -> None:
         fields = {"e": event, "s": seq, "d": orjson.dumps(data)}
-        pipe.write(self.keys.stream(message_id), self.keys.cancel(session_id, message_id), fields)
+        pipe.write(
+            self.keys.stream(session_id, message_id),
+            self.keys.cancel(session_id, message_id),
+            fields,
+        )
 
 
 class FakeProducer:
@@ -136,7 +140,7 @@ async def test_a_tick_is_one_round_trip_and_each_emitter_gets_its_own_flag() -> 
     assert len(redis.round_trips) == 1
     ops = redis.round_trips[0]
     assert [(op[1], op[2]["s"]) for op in ops] == [
-        (sink.keys.stream(m), seq) for seq in range(3) for m in ("m1", "m2", "m3")
+        (sink.keys.stream(f"s-{m}", m), seq) for seq in range(3) for m in ("m1", "m2", "m3")
     ]
     assert [(r["value"]["message_id"], r["value"]["seq"]) for r in producer.sent] == [
         (m, seq) for seq in range(3) for m in ("m1", "m2", "m3")

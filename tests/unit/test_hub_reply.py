@@ -18,7 +18,7 @@ from chatpipe.metrics import Metrics
 from chatpipe.settings import Settings
 
 KEYS = Keys.from_settings(Settings(key_prefix="u:"))
-A, B = KEYS.stream("m-a").encode(), KEYS.stream("m-b").encode()
+A, B = KEYS.stream("s", "m-a").encode(), KEYS.stream("s", "m-b").encode()
 CHUNK = [b"e", b"chunk", b"s", b"1", b"d", b'{"t": "x"}']
 DONE = [b"e", b"done", b"s", b"2", b"d", b"{}"]
 
@@ -130,14 +130,14 @@ async def test_dispatch_delivers_each_stream_to_its_subscribers_and_moves_the_cu
     shape: Any,
 ) -> None:
     hub, _ = new_hub()
-    a1, a2 = await hub.subscribe("m-a", (0, 0)), await hub.subscribe("m-a", (0, 0))
-    b = await hub.subscribe("m-b", (0, 0))
-    c = await hub.subscribe("m-c", (0, 0))
-    read_from = dict(hub._cursors)
-    wake = hub.wake_key.encode()
+    a1, a2 = await hub.subscribe("s", "m-a", (0, 0)), await hub.subscribe("s", "m-a", (0, 0))
+    b = await hub.subscribe("s", "m-b", (0, 0))
+    c = await hub.subscribe("s", "m-c", (0, 0))
+    read_from = dict(hub._groups[0].cursors)
+    wake = hub._groups[0].wake_key.encode()
     reply = {wake: [[b"3-0", [b"w", b"1"]], [b"4-7", [b"w", b"1"]]]}
     reply |= {A: [[b"5-1", CHUNK], [b"5-12", DONE]], B: [[b"7-0", CHUNK]]}
-    hub._dispatch(shape(reply), read_from)
+    hub._dispatch(hub._groups[0], shape(reply), read_from)
 
     expected_a = [("5-1", fields(CHUNK)), ("5-12", fields(DONE))]
     for sub in (a1, a2):
@@ -145,8 +145,8 @@ async def test_dispatch_delivers_each_stream_to_its_subscribers_and_moves_the_cu
     assert b.queue.get_nowait()[0] == "7-0"
     for sub in (a1, a2, b, c):
         assert sub.queue.empty()
-    assert hub._wake_id == "4-7"
-    assert hub._cursors == {"m-a": "5-12", "m-b": "7-0", "m-c": "0-0"}
+    assert hub._groups[0].wake_id == "4-7"
+    assert hub._groups[0].cursors == {"m-a": "5-12", "m-b": "7-0", "m-c": "0-0"}
 
 
 @SHAPES
@@ -154,17 +154,17 @@ async def test_entries_read_from_a_cursor_that_changed_meanwhile_are_not_deliver
     shape: Any,
 ) -> None:
     hub, _ = new_hub()
-    old = await hub.subscribe("m-a", (0, 0))
-    read_from = dict(hub._cursors)  # the read asks for m-a after 0-0
+    old = await hub.subscribe("s", "m-a", (0, 0))
+    read_from = dict(hub._groups[0].cursors)  # the read asks for m-a after 0-0
     hub.unsubscribe(old)  # the tab closes while the hub reads ...
-    new = await hub.subscribe("m-a", (5, 1))  # ... and the reloaded page resumes after 5-1
-    hub._dispatch(shape({A: [[b"5-1", CHUNK], [b"5-2", DONE]]}), read_from)
+    new = await hub.subscribe("s", "m-a", (5, 1))  # ... and the reloaded page resumes after 5-1
+    hub._dispatch(hub._groups[0], shape({A: [[b"5-1", CHUNK], [b"5-2", DONE]]}), read_from)
     assert new.queue.empty()
-    assert hub._cursors["m-a"] == "5-1"  # the next read fetches 5-2 from the new cursor
-    gone_read = dict(hub._cursors)
+    assert hub._groups[0].cursors["m-a"] == "5-1"  # the next read fetches 5-2 from the new cursor
+    gone_read = dict(hub._groups[0].cursors)
     hub.unsubscribe(new)  # everyone left during the read
-    hub._dispatch(shape({A: [[b"5-2", DONE]]}), gone_read)
-    assert hub._cursors == {}
+    hub._dispatch(hub._groups[0], shape({A: [[b"5-2", DONE]]}), gone_read)
+    assert hub._groups[0].cursors == {}
 
 
 @SHAPES
@@ -172,12 +172,12 @@ async def test_a_subscriber_whose_queue_fills_is_dropped_and_the_others_get_ever
     shape: Any,
 ) -> None:
     hub, metrics = new_hub(queue_size=2)
-    slow, fast = await hub.subscribe("m-a", (0, 0)), await hub.subscribe("m-a", (0, 0))
-    read_from = dict(hub._cursors)
-    hub._dispatch(shape({A: [[b"1-0", CHUNK], [b"1-1", CHUNK]]}), read_from)
+    slow, fast = await hub.subscribe("s", "m-a", (0, 0)), await hub.subscribe("s", "m-a", (0, 0))
+    read_from = dict(hub._groups[0].cursors)
+    hub._dispatch(hub._groups[0], shape({A: [[b"1-0", CHUNK], [b"1-1", CHUNK]]}), read_from)
     assert [fast.queue.get_nowait()[0] for _ in range(2)] == ["1-0", "1-1"]
-    read_from = dict(hub._cursors)
-    hub._dispatch(shape({A: [[b"1-2", CHUNK], [b"2-0", DONE]]}), read_from)
+    read_from = dict(hub._groups[0].cursors)
+    hub._dispatch(hub._groups[0], shape({A: [[b"1-2", CHUNK], [b"2-0", DONE]]}), read_from)
     assert slow.overflowed
     assert not fast.overflowed
     assert [fast.queue.get_nowait()[0] for _ in range(2)] == ["1-2", "2-0"]
