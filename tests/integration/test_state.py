@@ -87,6 +87,32 @@ async def test_accept_records_a_queued_message_once(state: State, redis: Redis) 
     assert 86_000 < await redis.ttl(state.keys.msg("s-1", "m-1")) <= 86_400
 
 
+async def test_a_message_id_stays_the_first_sessions_across_buckets(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    """Layout 2 keeps a message's keys in its session's bucket, so uniqueness across sessions
+    rests on `where`: another session's accept of the id is refused, whatever its bucket,
+    also while the first accept is between its `where` and its script."""
+    other = next(f"s-{n}" for n in range(100) if keys.bucket(f"s-{n}") != keys.bucket("s-1"))
+    assert await state.accept("m-1", "s-1", "u-1", NOW) == "ok"
+    assert await state.accept("m-1", other, "u-1", NOW) == "queued"
+    assert await state.accept("m-1", other, "u-2", NOW, enforce=True) == "forbidden"
+    assert not await redis.exists(keys.msg(other, "m-1"))
+    assert await state.locate("m-1") == "s-1"
+    # the first accept of m-2 has written its `where`, not yet its message
+    await redis.set(keys.where("m-2"), "s-1")
+    assert await state.accept("m-2", other, "u-1", NOW) == "taken"
+    assert await state.locate("m-2") == "s-1"
+
+
+async def test_a_refused_accept_leaves_no_where(state: State, redis: Redis, keys: Keys) -> None:
+    assert await state.accept("m-1", "s-1", "u-1", NOW) == "ok"
+    busy = await state.accept("m-2", "s-1", "u-1", NOW, reject_if_busy=True)
+    assert busy == "busy:m-1"
+    assert await state.locate("m-2") is None
+    assert await state.accept("m-2", "s-2", "u-1", NOW) == "ok"  # the id is free elsewhere
+
+
 # --- cancel (the api's) --------------------------------------------------------------------
 
 
