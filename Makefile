@@ -76,8 +76,9 @@ test: install stack-up  ## the whole suite against the local stack (which stays 
 
 # the contract's end-to-end tests again, with every chatpipe process on the cluster stack:
 # 3 Kafka brokers and a Redis Cluster (REDIS_CLUSTER=true), from cluster.sh's last line
+# (and every Redis script of chatpipe/state.py: each one's keys must share a hash slot there)
 CLUSTER_TESTS ?= tests/e2e/test_cancel.py tests/e2e/test_stream.py tests/e2e/test_dead_letters.py \
-	tests/e2e/test_bad_input.py tests/e2e/test_sessions.py
+	tests/e2e/test_bad_input.py tests/e2e/test_sessions.py tests/integration/test_state.py
 test-cluster: cluster-up  ## the contract e2e tests on the cluster stack (3 brokers + Redis Cluster)
 	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(CLUSTER_TESTS) $(PYTEST_ARGS)
 
