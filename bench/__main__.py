@@ -56,6 +56,14 @@ def parse(argv: list[str]) -> Params:
     )
     ap.add_argument("--redis-url", help="use this Redis (shared) instead of a dedicated server")
     ap.add_argument("--redis-port", type=int, help="port of the dedicated redis-server (16399)")
+    ap.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url names one node of a Redis Cluster: the processes under test get "
+        "REDIS_CLUSTER=true, the probe sums every node (e.g. infra/local/cluster.sh: "
+        "--redis-url redis://127.0.0.1:27001/0 --kafka "
+        "127.0.0.1:29092,127.0.0.1:29093,127.0.0.1:29094)",
+    )
     ap.add_argument("--kafka", help="bootstrap servers (KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
     ap.add_argument("--max-concurrent-streams", type=int, help="MAX_CONCURRENT_STREAMS (512)")
     ap.add_argument("--max-minutes", type=float, help="time budget of the whole suite (45)")
@@ -106,6 +114,8 @@ def parse(argv: list[str]) -> Params:
         name, sep, value = item.partition("=")
         if not sep or not name:
             ap.error(f"--env wants NAME=VALUE, got {item!r}")
+        if name == "REDIS_CLUSTER":
+            ap.error("--env REDIS_CLUSTER: use --redis-cluster (the probe must know)")
         p.extra_env[name] = value
     for item in a.variant:
         name, sep, value = item.partition("=")
@@ -121,6 +131,10 @@ def parse(argv: list[str]) -> Params:
             else:
                 ap.error(f"--variant {name}: {part!r} is neither a folder nor ENV:VALUE")
         p.variants[name] = variant
+    if a.redis_cluster:
+        if not a.redis_url:
+            ap.error("--redis-cluster needs --redis-url naming one node of the cluster")
+        p.redis_cluster = True
     if a.no_silence:
         p.silence = False
     if a.no_burst:

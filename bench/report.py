@@ -14,6 +14,32 @@ ORDER = ["chatpipe", "limit", "seed", "seed-every-10"]
 P99_LIMIT_MS = 100.0
 
 
+def counted(process: str) -> bool:
+    """Whether a process's CPU is the system's own: not the driver's, not the shared Kafka
+    brokers' (`kafka (shared broker)`, or `kafka HOST:PORT (shared broker)` for each of
+    several). Redis is the system's: the dedicated redis-server, a cluster's nodes."""
+    return process != "driver" and not process.startswith("kafka")
+
+
+def _redis_cpu(r: dict[str, Any]) -> str:
+    """Redis CPU per 1k chunks; on a cluster every node, then primaries + replicas."""
+    total = _f(r["redis"]["cpu_ms_per_1000_chunks"])
+    c = r["redis"].get("cluster")
+    if not c:
+        return total
+    prim = _f(c["primaries_cpu_ms_per_1000_chunks"])
+    repl = _f(c["replicas_cpu_ms_per_1000_chunks"])
+    return f"{total} ({prim} primaries + {repl} replicas)"
+
+
+def _kafka_cpu(r: dict[str, Any]) -> str:
+    k = r.get("kafka")
+    if not k:
+        return "-"
+    n = len(k["brokers"])
+    return _f(k["cpu_ms_per_1000_chunks"]) + (f" ({n} brokers)" if n > 1 else "")
+
+
 def _f(v: Any, digits: int = 1) -> str:
     if v is None:
         return "-"
@@ -92,6 +118,7 @@ def _streams_table(title: str, rows: list[dict[str, Any]]) -> Table:
             "errors",
             "Redis cmds / 1k chunks",
             "Redis CPU ms / 1k chunks",
+            "Kafka CPU ms / 1k chunks",
             "CPU ms / 1k chunks (all its processes)",
         ],
     )
@@ -114,7 +141,8 @@ def _streams_table(title: str, rows: list[dict[str, Any]]) -> Table:
             f"{r['integrity']['lost']} / {r['integrity']['duplicated']}",
             str(sum(r["errors"].values())),
             r["redis"]["commands_per_1000_chunks"],
-            r["redis"]["cpu_ms_per_1000_chunks"],
+            _redis_cpu(r),
+            _kafka_cpu(r),
             r["cpu_ms_per_1000_chunks"],
         )
     return t
@@ -176,10 +204,9 @@ def comparison(report: dict[str, Any]) -> list[Table]:
         ],
     )
     # context switches are read for the main thread: meaningful for the single-threaded ones
-    skip = ("driver", "kafka (shared broker)")
     for r in rows:
         chunks = max(1, r["chunks"])
-        own = [k for k in r["processes"] if k not in skip]
+        own = [k for k in r["processes"] if counted(k)]
         for name, v in r["processes"].items():
             procs.add(
                 r["system"],
@@ -198,6 +225,16 @@ def comparison(report: dict[str, Any]) -> list[Table]:
     for r in rows:
         by = r["redis"]["by_command_per_1000_chunks"]
         redis.add(r["system"], ", ".join(f"{k} {v:g}" for k, v in list(by.items())[:8]))
+        cluster = r["redis"].get("cluster")
+        if cluster:
+            per = 1000 / max(1, r["chunks"])
+            redis.add(
+                f"{r['system']}, by node",
+                ", ".join(
+                    f"{name} ({v['role']}) {v['commands'] * per:.1f}"
+                    for name, v in sorted(cluster["nodes"].items())
+                ),
+            )
     tables.append(redis)
     return tables
 
@@ -264,11 +301,7 @@ def sweep(report: dict[str, Any]) -> Table:
         ],
     )
     for r in rows:
-        own = sum(
-            v["cpu_pct"]
-            for k, v in r["processes"].items()
-            if k not in ("driver", "kafka (shared broker)")
-        )
+        own = sum(v["cpu_pct"] for k, v in r["processes"].items() if counted(k))
         t.add(
             r["system"],
             str(r["n"]),

@@ -8,7 +8,6 @@ RSS. The cancel-during-silence case restarts each system with SIM_FIRST_TOKEN_DE
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -21,8 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+from redis.exceptions import RedisClusterException
+
 from bench import machine, profile
 from bench.driver import Spec
+from bench.report import counted
 from bench.stack import (
     BenchError,
     Launcher,
@@ -34,7 +37,7 @@ from bench.stack import (
     create_topics,
     delete_topics,
     free_port,
-    kafka_broker_pid,
+    kafka_broker_pids,
     start_chatpipe,
     start_limit,
     start_seed,
@@ -70,6 +73,9 @@ class Params:
     stream_timeout_s: float = 90.0
     redis_url: str | None = None
     redis_port: int = 16399
+    # the processes under test get REDIS_CLUSTER=true and redis_url names one node of a Redis
+    # Cluster; the probe then reads every node (bench/stack.py RedisProbe)
+    redis_cluster: bool = False
     kafka: str = field(
         default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     )
@@ -123,7 +129,8 @@ class Suite:
         self.redis: RedisServer | None = None
         self.redis_url = ""
         self.probe: RedisProbe | None = None
-        self.broker_pid: int | None = None
+        self.broker_pid: int | None = None  # the first broker's (its Kafka version)
+        self.kafka_missing: list[str] = []  # brokers of --kafka with no process on this host
         self.runs: list[dict[str, Any]] = []
         self.profiles: dict[str, Any] = {}
         self.problems: list[str] = []
@@ -136,6 +143,8 @@ class Suite:
         return {
             "KAFKA_BOOTSTRAP_SERVERS": self.p.kafka,
             "REDIS_URL": self.redis_url,
+            # always set: a REDIS_CLUSTER in the caller's environment must not leak in
+            "REDIS_CLUSTER": "true" if self.p.redis_cluster else "false",
             **self.ns.env,
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
@@ -148,7 +157,9 @@ class Suite:
         }
 
     def setup(self) -> None:
-        if self.p.redis_url:
+        if self.p.redis_cluster:
+            self.setup_cluster()
+        elif self.p.redis_url:
             self.redis_url = self.p.redis_url
             self.notes.append(
                 f"Redis: the given server {self.redis_url} (shared: its command and CPU counts "
@@ -163,12 +174,54 @@ class Suite:
             self.notes.append(
                 f"Redis: no redis-server on PATH, used REDIS_URL {self.redis_url} (shared)"
             )
-        self.probe = RedisProbe(self.redis_url)
-        self.broker_pid = kafka_broker_pid(self.p.kafka)
+        if self.probe is None:
+            self.probe = RedisProbe(self.redis_url)
+        brokers, missing = kafka_broker_pids(self.p.kafka)
+        self.kafka_missing = missing
+        self.broker_pid = next(iter(brokers.values()), None)
+        if brokers:
+            self.notes.append(
+                f"Kafka: {len(brokers)} broker(s) of --kafka on this host "
+                f"({', '.join(f'{a} pid {pid}' for a, pid in brokers.items())}): their CPU is "
+                "summed (the kafka rows; not counted in the system's own CPU), each found again "
+                "by its port before every measured run"
+            )
+        if missing:
+            self.notes.append(
+                f"Kafka: no broker process found on this host for {', '.join(missing)}: its "
+                "CPU is not counted"
+            )
         out = create_topics(self.launcher, self.env())
         print(
             f"[bench] namespace {self.ns.run_id}; logs in {self.launcher.logs}; topics:\n{out}",
             flush=True,
+        )
+
+    def setup_cluster(self) -> None:
+        if not self.p.redis_url:
+            raise BenchError("--redis-cluster needs --redis-url naming one node of the cluster")
+        self.redis_url = self.p.redis_url
+        try:
+            self.probe = RedisProbe(self.redis_url, cluster=True)
+            snapshot = self.probe.snapshot(refresh=True)
+            nodes = self.probe.describe()
+        except (redis.RedisError, RedisClusterException) as e:
+            raise BenchError(f"Redis Cluster at {self.redis_url}: {e}") from e
+        local = self.probe.local_pids(snapshot)
+        if len(local) < len(snapshot["nodes"]):
+            self.notes.append(
+                f"Redis: only {len(local)} of the cluster's {len(snapshot['nodes'])} nodes run "
+                "on this host (found by port): the others' CPU is in the Redis CPU column "
+                "(INFO cpu) but not in the system's CPU per chunk"
+            )
+        self.notes.append(
+            f"Redis: the Redis Cluster at {self.redis_url}, {nodes}; the processes under test "
+            "run with REDIS_CLUSTER=true. It is shared: its counts include other clients. "
+            "Redis commands are summed over the primaries; Redis CPU over every node, "
+            "primaries + replicas (a replica applies every write again), and each node on this "
+            "host is one of the system's processes (the redis-server:PORT rows): its CPU counts "
+            "in the system's CPU per chunk, as the dedicated redis-server's does in a "
+            "single-Redis run"
         )
 
     def teardown(self) -> None:
@@ -180,8 +233,11 @@ class Suite:
             self.problems.append(f"could not delete the run's topics: {e}")
         if self.probe is not None:
             if self.redis is None:
-                with contextlib.suppress(Exception):
-                    self.probe.delete_prefix(self.ns.env["KEY_PREFIX"])
+                try:
+                    n = self.probe.delete_prefix(self.ns.env["KEY_PREFIX"])
+                    print(f"[bench] deleted {n} Redis keys under {self.ns.env['KEY_PREFIX']}")
+                except Exception as e:
+                    self.problems.append(f"could not delete the run's Redis keys: {e}")
             self.probe.close()
         self.launcher.stop_all()
 
@@ -278,10 +334,19 @@ class Suite:
         watched = {name: pid for pid, name in system.label.items()}
         if self.redis is not None:
             watched["redis-server"] = self.redis.proc.pid
-        if self.broker_pid is not None:
-            watched["kafka (shared broker)"] = self.broker_pid
         load_before = machine.uptime()
-        before = self.probe.snapshot()
+        before = self.probe.snapshot(refresh=True)
+        watched.update(self.probe.local_pids(before))  # a cluster's nodes on this host
+        # again before every run: a broker may have restarted since the last one
+        brokers, missing = kafka_broker_pids(self.p.kafka)
+        if missing and missing != self.kafka_missing:
+            self.notes.append(
+                f"{spec.name}: no Kafka broker process on this host for {', '.join(missing)} "
+                "at the start: its CPU is not counted"
+            )
+        for address, pid in brokers.items():
+            label = f"kafka {address}" if len(brokers) > 1 else "kafka"
+            watched[f"{label} (shared broker)"] = pid
         sampler = Sampler(watched)
         sampler.start()
         spies = []
@@ -316,10 +381,32 @@ class Suite:
         result["processes"] = processes
         result["redis"] = self.probe.delta(before, after, result["chunks"])
         result["redis"]["dedicated"] = self.redis is not None
+        if result["redis"].get("cluster", {}).get("topology_changed"):
+            self.notes.append(
+                f"{spec.name}: the Redis Cluster changed during the run (a node restarted, "
+                "failed over or did not answer): its Redis numbers cover part of the run"
+            )
+        brokers_after, _ = kafka_broker_pids(self.p.kafka)
+        if brokers_after != brokers:
+
+            def pids(found: dict[str, int]) -> str:
+                return ", ".join(f"{a} pid {pid}" for a, pid in found.items()) or "none"
+
+            self.notes.append(
+                f"{spec.name}: Kafka brokers at the start: {pids(brokers)}; at the end: "
+                f"{pids(brokers_after)} (a broker stopped or restarted: its CPU covers part of "
+                "the run, or none)"
+            )
+        kafka_cpu = sum(v["cpu_s"] for k, v in processes.items() if k.startswith("kafka"))
+        result["kafka"] = {
+            "brokers": sorted(brokers),
+            "cpu_s": round(kafka_cpu, 3),
+            "cpu_ms_per_1000_chunks": round(
+                kafka_cpu * 1e6 / result["chunks"] if result["chunks"] else 0.0, 2
+            ),
+        }
         result["load"] = {"before": load_before, "after": machine.uptime()}
-        own = [
-            v["cpu_s"] for k, v in processes.items() if k not in ("driver", "kafka (shared broker)")
-        ]
+        own = [v["cpu_s"] for k, v in processes.items() if counted(k)]
         chunks = max(1, result["chunks"])
         result["cpu_ms_per_1000_chunks"] = round(1000 * sum(own) * 1000 / chunks, 1)
         for name, raw, _ in spies:

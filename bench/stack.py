@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import psutil
 import redis
+from redis.cluster import RedisCluster
 
 from chatpipe.settings import Settings
 
@@ -207,20 +208,105 @@ class RedisServer:
         client.close()
 
 
+# not the system's commands: the probe's own INFO, and a replica's REPLCONF ACK to its primary
+# (once a second; a Redis Cluster's replicas send them whatever the load)
+OWN_COMMANDS = ("info", "replconf")
+
+
 class RedisProbe:
-    """INFO commandstats and INFO cpu, before and after a measured run."""
+    """INFO commandstats and INFO cpu, before and after a measured run.
 
-    def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url)
+    On a Redis Cluster (`cluster=True`, `url` = any node) every node known to redis-py's
+    cluster client is asked, and each one's role is read from its own INFO (a failover may have
+    moved it): commands are summed over the primaries (a replica's commandstats count the
+    writes it applies again), CPU over every node, primaries and replicas apart."""
 
-    def snapshot(self) -> dict[str, Any]:
+    def __init__(self, url: str, cluster: bool = False) -> None:
+        self.url = url
+        self.cluster: RedisCluster | None = RedisCluster.from_url(url) if cluster else None
+        self.client: redis.Redis | None = None if cluster else redis.Redis.from_url(url)
+
+    @staticmethod
+    def _calls(stats: dict[str, Any]) -> dict[str, int]:
+        return {
+            k.removeprefix("cmdstat_"): int(v["calls"])
+            for k, v in stats.items()
+            if k.startswith("cmdstat_") and isinstance(v, dict)
+        }
+
+    @staticmethod
+    def _cpu(info: dict[str, Any]) -> float:
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    def _topology(self) -> Any:
+        """The cluster client, untyped: redis-py leaves its node-map methods unannotated."""
+        assert self.cluster is not None
+        return self.cluster
+
+    def nodes(self, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        """Cluster only: per node (host:port), its role, port, run id, calls by command and CPU
+        seconds. `refresh`: read the cluster's map first (CLUSTER SLOTS: a node may have
+        joined, restarted or failed over); only before a measured window, so that those
+        commands fall outside it. A node that does not answer is left out (the run then shows
+        `topology_changed`), after one more read of the map."""
+        cluster = self._topology()
+        if refresh:
+            cluster.nodes_manager.initialize()
+        for attempt in (1, 2):
+            out: dict[str, dict[str, Any]] = {}
+            failed = []
+            for node in list(cluster.get_nodes()):
+                try:
+                    info: dict[str, Any] = cluster.info(
+                        "commandstats", "cpu", "replication", "server", target_nodes=node
+                    )
+                except redis.RedisError:
+                    failed.append(node.name)
+                    continue
+                out[node.name] = {
+                    "role": "primary" if info.get("role") == "master" else "replica",
+                    "port": int(info.get("tcp_port") or node.port),
+                    "run_id": str(info.get("run_id", "")),
+                    "calls": self._calls(info),
+                    "cpu_s": self._cpu(info),
+                }
+            if not failed or attempt == 2:
+                if not out:
+                    raise BenchError(f"no node of the Redis Cluster at {self.url} answered")
+                return out
+            cluster.nodes_manager.initialize()
+        raise AssertionError("unreachable")
+
+    def snapshot(self, refresh: bool = False) -> dict[str, Any]:
+        """Calls by command and CPU seconds (see the class); `refresh` as in `nodes`."""
+        if self.cluster is not None:
+            nodes = self.nodes(refresh)
+            calls: dict[str, int] = {}
+            for node in nodes.values():
+                if node["role"] == "primary":
+                    for k, v in node["calls"].items():
+                        calls[k] = calls.get(k, 0) + v
+            return {
+                "calls": calls,
+                "cpu_s": sum(n["cpu_s"] for n in nodes.values()),
+                "nodes": nodes,
+            }
+        assert self.client is not None
         stats = self.client.info("commandstats")
         cpu = self.client.info("cpu")
-        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-        return {
-            "calls": calls,
-            "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        return {"calls": self._calls(stats), "cpu_s": self._cpu(cpu)}
+
+    def local_pids(self, snapshot: dict[str, Any]) -> dict[str, int]:
+        """Cluster only: `redis-server:PORT (role)` -> pid of each node that runs on this
+        host (found by the port it listens on), for the CPU sampler."""
+        nodes: dict[str, dict[str, Any]] = snapshot.get("nodes", {})
+        local = {
+            n["port"]: f"redis-server:{n['port']} ({n['role']})"
+            for name, n in nodes.items()
+            if _is_local(name.rsplit(":", 1)[0])
         }
+        pids = pids_listening(set(local), "redis-server")
+        return {local[port]: pids[port] for port in sorted(local) if port in pids}
 
     def delta(self, before: dict[str, Any], after: dict[str, Any], chunks: int) -> dict[str, Any]:
         calls = {
@@ -228,11 +314,12 @@ class RedisProbe:
             for k, v in after["calls"].items()
             if v - before["calls"].get(k, 0) > 0
         }
-        calls.pop("info", None)  # our own probe
+        for own in OWN_COMMANDS:
+            calls.pop(own, None)
         total = sum(calls.values())
         cpu = after["cpu_s"] - before["cpu_s"]
         per = 1000 / chunks if chunks else 0.0
-        return {
+        out: dict[str, Any] = {
             "commands": total,
             "commands_per_1000_chunks": round(total * per, 1),
             "by_command_per_1000_chunks": {
@@ -241,15 +328,91 @@ class RedisProbe:
             "cpu_s": round(cpu, 3),
             "cpu_ms_per_1000_chunks": round(cpu * 1000 * per, 2),
         }
+        if "nodes" in after:
+            out.update(self._cluster_delta(before["nodes"], after["nodes"], per))
+            cpu = sum(n["cpu_s"] for n in out["cluster"]["nodes"].values())
+            out["cpu_s"] = round(cpu, 3)
+            out["cpu_ms_per_1000_chunks"] = round(cpu * 1000 * per, 2)
+        return out
+
+    @staticmethod
+    def _cluster_delta(
+        before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], per: float
+    ) -> dict[str, Any]:
+        """Per node over the run; a node that was not there at both ends, restarted or changed
+        role in between makes `topology_changed` true (its numbers then cover part of the run,
+        or none)."""
+        nodes: dict[str, dict[str, Any]] = {}
+        changed = set(before) != set(after)
+        for name, a in after.items():
+            b = before.get(name)
+            if b is None or b["run_id"] != a["run_id"] or b["role"] != a["role"]:
+                changed = True
+            same = b is not None and b["run_id"] == a["run_id"]
+            cpu = a["cpu_s"] - b["cpu_s"] if same and b is not None else 0.0
+            calls = 0
+            if same and b is not None:
+                calls = sum(
+                    max(0, v - b["calls"].get(k, 0))
+                    for k, v in a["calls"].items()
+                    if k not in OWN_COMMANDS
+                )
+            nodes[name] = {
+                "role": a["role"],
+                "commands": calls,
+                "cpu_s": round(max(0.0, cpu), 3),
+                "cpu_ms_per_1000_chunks": round(max(0.0, cpu) * 1000 * per, 2),
+            }
+
+        def cpu_of(role: str) -> float:
+            return float(sum(n["cpu_s"] for n in nodes.values() if n["role"] == role))
+
+        return {
+            "cluster": {
+                "primaries": sorted(k for k, n in nodes.items() if n["role"] == "primary"),
+                "replicas": sorted(k for k, n in nodes.items() if n["role"] == "replica"),
+                "primaries_cpu_ms_per_1000_chunks": round(cpu_of("primary") * 1000 * per, 2),
+                "replicas_cpu_ms_per_1000_chunks": round(cpu_of("replica") * 1000 * per, 2),
+                "topology_changed": changed,
+                "nodes": nodes,
+            }
+        }
+
+    def describe(self) -> str:
+        """Cluster only: `3 primaries (a, b, c) + 3 replicas (d, e, f)`."""
+        nodes = self.nodes()
+        prim = sorted(k for k, n in nodes.items() if n["role"] == "primary")
+        repl = sorted(k for k, n in nodes.items() if n["role"] == "replica")
+        return (
+            f"{len(prim)} primaries ({', '.join(prim)}) + {len(repl)} replicas ({', '.join(repl)})"
+        )
 
     def delete_prefix(self, prefix: str) -> int:
+        """UNLINK every key under `prefix`: on a cluster, SCAN of every primary."""
         n = 0
+        if self.cluster is not None:
+            for node in self._topology().get_primaries():
+                batch: list[bytes] = []
+                for key in self.cluster.scan_iter(
+                    match=f"{prefix}*", count=1000, target_nodes=node
+                ):
+                    batch.append(key)
+                    if len(batch) >= 500:
+                        n += int(self.cluster.unlink(*batch))  # split by slot by redis-py
+                        batch = []
+                if batch:
+                    n += int(self.cluster.unlink(*batch))
+            return n
+        assert self.client is not None
         for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
             n += int(self.client.unlink(key))
         return n
 
     def close(self) -> None:
-        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        if self.client is not None:
+            self.client.close()
 
 
 # --- Kafka namespace -----------------------------------------------------------------------
@@ -445,15 +608,62 @@ def start_seed(
 # --- CPU and memory ------------------------------------------------------------------------
 
 
-def kafka_broker_pid(bootstrap: str) -> int | None:
-    port = bootstrap.rsplit(":", 1)[-1]
-    found = []
+def _is_local(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0", "", socket.gethostname())
+
+
+def pids_listening(ports: set[int], match: str) -> dict[int, int]:
+    """port -> pid of the process (its command line holding `match`) that listens on it."""
+    found: dict[int, int] = {}
     for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if "kafka.Kafka" in cmd:
-            found.append((f"stack-{port}" in cmd, proc.pid))
-    found.sort(reverse=True)
-    return found[0][1] if found else None
+        if not ports - set(found):
+            break
+        if match not in " ".join(proc.info.get("cmdline") or []):
+            continue
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports:
+                    found.setdefault(conn.laddr.port, proc.pid)
+    return found
+
+
+def bootstrap_addresses(bootstrap: str) -> list[tuple[str, int]]:
+    """(host, port) of each entry of a bootstrap list `host:port,host:port`."""
+    out = []
+    for item in bootstrap.split(","):
+        item = item.strip().rsplit("//", 1)[-1]
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        out.append((host.strip("[]") or "127.0.0.1", int(port)))
+    return out
+
+
+def kafka_broker_pids(bootstrap: str) -> tuple[dict[str, int], list[str]]:
+    """Each broker of the bootstrap list that runs on this host: `host:port` -> pid, found by
+    the port it listens on; and the addresses not found (elsewhere, or not a kafka.Kafka JVM
+    of this host)."""
+    addresses = bootstrap_addresses(bootstrap)
+    local = {port for host, port in addresses if _is_local(host)}
+    pids = pids_listening(local, "kafka.Kafka")
+    found: dict[str, int] = {}
+    missing: list[str] = []
+    for host, port in addresses:
+        address = f"{host}:{port}"
+        if port in pids and _is_local(host):
+            if pids[port] not in found.values():  # two names of one broker count once
+                found[address] = pids[port]
+        else:
+            missing.append(address)
+    if not found and len(addresses) == 1 and _is_local(addresses[0][0]):
+        # its sockets unreadable (another user's process): the stack's folder in its command
+        # line (infra/local/stack.sh's `stack-PORT`)
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info.get("cmdline") or [])
+            if "kafka.Kafka" in cmd and f"stack-{addresses[0][1]}" in cmd:
+                found[missing.pop()] = proc.pid
+                break
+    return found, missing
 
 
 class Sampler:
