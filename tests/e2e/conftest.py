@@ -26,10 +26,10 @@ from chatpipe.clients import make_admin
 from chatpipe.settings import Settings
 from chatpipe.topics import ensure_topics, topic_specs
 from tests.conftest import namespace
-from tests.e2e.cluster import Cluster
-from tests.e2e.sse import SSEStream
 from tests.providers.upstream import FakeOpenAI, serve_in_thread
+from tests.support.cluster import Cluster
 from tests.support.services import Services
+from tests.support.sse import SSEStream
 
 T = TypeVar("T")
 

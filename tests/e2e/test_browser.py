@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.cluster import Cluster
-from tests.e2e.sse import SSEStream, chunks, dones
+from tests.support.cluster import Cluster
+from tests.support.sse import SSEStream, chunks, dones
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 

@@ -18,11 +18,12 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import cancel_record_key
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import Api
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
-from tests.e2e.sse import SSEEvent, chunks, dones
 from tests.interop.stack import read_topic
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import SSEEvent, chunks, dones
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

@@ -19,9 +19,10 @@ from redis.asyncio import Redis
 from chatpipe.keys import Keys, cancel_record_key
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.records import foreign_producer
+from tests.support.cluster import Cluster, new_session
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

@@ -20,10 +20,10 @@ from chatpipe.keys import cancel_record_key
 from chatpipe.schemas import ChatCancel
 from chatpipe.settings import Settings
 from chatpipe.state import State
-from tests.e2e.cluster import apoll
 from tests.e2e.conftest import ClusterShape
 from tests.e2e.records import foreign_producer
 from tests.interop.stack import read_topic
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

@@ -22,9 +22,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from chatpipe.settings import Settings
 from chatpipe.topics import MAX_BYTES
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import ClusterShape
 from tests.e2e.records import of_message, read_responses, terminal
+from tests.support.cluster import Cluster, new_session
 
 pytestmark = [pytest.mark.e2e]
 

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatpipe.schemas import ID_PATTERN
-from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import DEFAULT_ENV, ClusterShape
+from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.e2e
 

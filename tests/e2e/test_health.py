@@ -8,8 +8,10 @@ import uuid
 import httpx
 import pytest
 
-from tests.e2e.cluster import Cluster, ClusterError, Proc, apoll, free_port
-from tests.e2e.sse import SSEStream
+from tests.support.cluster import Cluster
+from tests.support.procs import Proc, free_port
+from tests.support.sse import SSEStream
+from tests.support.wait import WaitError, apoll
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +46,7 @@ async def _answering(client: httpx.AsyncClient, proc: Proc, within: float = 20) 
 
     try:
         await apoll(f"{proc.name} to answer /health", check, within)
-    except ClusterError as e:
+    except WaitError as e:
         raise AssertionError(f"{e}\n{proc.tail(12)}") from None
 
 

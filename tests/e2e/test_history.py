@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.cluster import apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
-from tests.e2e.sse import SSEEvent, chunks, dones
 from tests.providers.upstream import FakeOpenAI, provider_env, reply
+from tests.support.cluster import new_session
+from tests.support.sse import SSEEvent, chunks, dones
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, ClusterShape
-from tests.e2e.sse import SSEStream, chunks
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import SSEStream, chunks
 
 pytestmark = pytest.mark.e2e
 

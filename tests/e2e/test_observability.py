@@ -25,12 +25,14 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, Proc, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
-from tests.e2e.sse import chunks
 from tests.interop.stack import headers_of, read_topic
+from tests.support.cluster import Cluster, new_session
+from tests.support.procs import Proc
 from tests.support.services import Services
+from tests.support.sse import chunks
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

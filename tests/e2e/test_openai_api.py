@@ -23,9 +23,7 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll
 from tests.e2e.conftest import DEFAULT_ENV, Api
-from tests.e2e.sse import dones
 from tests.providers.upstream import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
@@ -34,6 +32,9 @@ from tests.providers.upstream import (
     provider_env,
     reply,
 )
+from tests.support.cluster import Cluster
+from tests.support.sse import dones
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

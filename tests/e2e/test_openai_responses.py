@@ -14,9 +14,10 @@ from typing import Any
 import openai
 import pytest
 
-from tests.e2e.cluster import Cluster, apoll
 from tests.e2e.conftest import DEFAULT_ENV
 from tests.providers.upstream import FakeOpenAI, provider_env, reply
+from tests.support.cluster import Cluster
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ The module's cluster: 2 api, 1 ai_consumer, no standalone listener; 100 ms per t
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,10 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.cluster import Cluster, free_port, poll
 from tests.e2e.conftest import ClusterShape
-from tests.e2e.sse import SSEStream, chunks
+from tests.support.cluster import Cluster
 from tests.support.nginx import nginx, prepare
+from tests.support.procs import Proc, free_port
+from tests.support.sse import SSEStream, chunks
+from tests.support.wait import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -38,10 +40,10 @@ def cluster_shape() -> ClusterShape:
 
 
 class Proxy:
-    def __init__(self, workdir: Path, url: str, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, workdir: Path, url: str, proc: Proc) -> None:
         self.workdir = workdir
         self.url = url
-        self.popen = popen
+        self.proc = proc
 
     def access_log(self) -> str:
         return (self.workdir / "stdout.log").read_text(errors="replace")
@@ -53,14 +55,13 @@ def proxy(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     port = free_port()
     upstreams = [f"127.0.0.1:{p.port}" for p in cluster.api_procs]
     cmd = prepare(workdir, upstreams, port)
-    with (workdir / "stdout.log").open("ab") as out:
-        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    proc = Proc.launch("nginx", cmd, dict(os.environ), workdir, workdir / "stdout.log")
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool | None:
-        if popen.poll() is not None:
+        if not proc.alive():
             errors = (workdir / "error.log").read_text(errors="replace")
-            raise AssertionError(f"nginx exited {popen.returncode}: {errors[-2000:]}")
+            raise AssertionError(f"nginx exited {proc.returncode()}: {errors[-2000:]}")
         try:
             return True if httpx.get(f"{url}/health", timeout=1).status_code == 200 else None
         except httpx.HTTPError:
@@ -68,14 +69,9 @@ def proxy(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     try:
         poll("nginx to answer /health", up, timeout=15)
-        yield Proxy(workdir, url, popen)
+        yield Proxy(workdir, url, proc)
     finally:
-        popen.terminate()
-        try:
-            popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(timeout=10)
+        proc.terminate()
 
 
 @pytest.fixture

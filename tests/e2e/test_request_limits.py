@@ -31,8 +31,8 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, ClusterShape
+from tests.support.cluster import Cluster, new_session
 
 pytestmark = pytest.mark.e2e
 

@@ -10,6 +10,7 @@ and POST /api/chat answers 503), never a hang. No password shows in a log, /read
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import subprocess
 import time
@@ -31,10 +32,12 @@ from chatpipe.clients import (
 from chatpipe.settings import Settings
 from chatpipe.topics import ensure_topics
 from tests.conftest import namespace
-from tests.e2e.cluster import Cluster, Proc, apoll, free_port
 from tests.e2e.conftest import run_async
-from tests.e2e.sse import SSEStream
+from tests.support.cluster import Cluster
 from tests.support.private_stack import PrivateStack, private_stack
+from tests.support.procs import Proc, free_port
+from tests.support.sse import SSEStream
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 
@@ -265,17 +268,12 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     port = free_port()
     tls = f"--tls-cert-file {cert} --tls-key-file {key} --tls-ca-cert-file {ca}"
     acl = f"--user default off --user {REDIS_USER} on >{REDIS_PASSWORD} ~* &* +@all"
-    with (d / "redis.log").open("wb") as out:  # the child keeps its own copy of the fd
-        server = subprocess.Popen(
-            [
-                *f"redis-server --port 0 --tls-port {port} --bind 127.0.0.1 {tls}".split(),
-                *f"--tls-auth-clients no --appendonly no --dir {d} {acl}".split(),
-                *("--save", ""),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    argv = [
+        *f"redis-server --port 0 --tls-port {port} --bind 127.0.0.1 {tls}".split(),
+        *f"--tls-auth-clients no --appendonly no --dir {d} {acl}".split(),
+        *("--save", ""),
+    ]
+    server = Proc.launch("redis-tls", argv, dict(os.environ), d, d / "redis.log")
     values = {
         "redis_url": f"rediss://{REDIS_USER}@127.0.0.1:{port}/0",
         "redis_password": REDIS_PASSWORD,
@@ -297,7 +295,6 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         yield {"values": values, "other_ca": str(other_ca)}
     finally:
         server.terminate()
-        server.wait(timeout=10)
 
 
 async def test_redis_over_tls_with_an_acl_user(tls_redis: dict[str, Any]) -> None:

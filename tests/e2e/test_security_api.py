@@ -25,10 +25,11 @@ from redis.asyncio import Redis
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from chatpipe.tokens import StreamTokens, stream_key
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
-from tests.e2e.sse import SSEError, SSEStream, chunks, dones
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import SSEError, SSEStream, chunks, dones
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

@@ -20,10 +20,11 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import Keys, session_cancel_record_key
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
-from tests.e2e.sse import chunks, dones
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import chunks, dones
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

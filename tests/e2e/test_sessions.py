@@ -17,11 +17,11 @@ from redis.asyncio import Redis
 from chatpipe.keys import Keys, cancel_record_key, session_cancel_record_key
 from chatpipe.schemas import ChatSessionCancel
 from chatpipe.settings import Settings
-from tests.e2e.cluster import new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.faults.consumer_support import recorded
 from tests.e2e.records import foreign_producer, latest_cancels
-from tests.e2e.sse import SSEEvent, chunks, dones
+from tests.support.cluster import new_session
+from tests.support.sse import SSEEvent, chunks, dones
 
 pytestmark = pytest.mark.e2e
 

@@ -14,10 +14,10 @@ from datetime import datetime
 import pytest
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import Api
 from tests.e2e.records import Event, foreign_producer, of_message, read_responses, terminal
-from tests.e2e.sse import SSEEvent, SSEStream, chunks, dones
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import SSEEvent, SSEStream, chunks, dones
 
 pytestmark = pytest.mark.e2e
 

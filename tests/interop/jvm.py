@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from chatpipe.settings import Settings
-from tests.interop.stack import ROOT, Proc, StackError, process_env
+from tests.support.procs import ROOT, Proc, ProcError, process_env
 
 PROJECT = ROOT / "interop" / "java"
 JAR = PROJECT / "target" / "chatpipe-interop.jar"
@@ -66,13 +66,13 @@ class Java:
             argv, capture_output=True, text=True, timeout=120, check=False, env=process_env({})
         )
         if done.returncode != 0:
-            raise StackError(f"ChatProducer {command} failed ({done.returncode}):\n{done.stderr}")
+            raise ProcError(f"ChatProducer {command} failed ({done.returncode}):\n{done.stderr}")
         lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
         assert len(lines) == 1, done.stdout
         sent: dict[str, Any] = lines[0]
         return sent
 
-    async def start_consumer(
+    def start_consumer(
         self, message_ids: list[str], jackson: int = 2, timeout_s: float = 60, name: str = ""
     ) -> Proc:
         """Start ResponseConsumer for `message_ids`; it exits once each has a terminal event."""
@@ -87,7 +87,7 @@ class Java:
             str(timeout_s),
         )
         label = name or f"java-consumer-{jackson}"
-        return await Proc.start(
+        return Proc.launch(
             label,
             argv,
             process_env({}),

@@ -1,8 +1,8 @@
 """Real chatpipe processes for the interop tests: one `python -m api` and one
 `python -m ai_consumer` in a test's namespace, plus small helpers to read topics and SSE.
 
-Everything waits on events with deadlines: a process's output is read line by line as it comes
-(a condition is notified per line), the api's /ready is polled until a deadline.
+Everything waits with deadlines: a process's log (tests/support/procs.py) and the api's /ready
+are polled until a deadline.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from chatpipe.clients import make_admin
 from chatpipe.settings import Settings
 from tests.support.procs import Proc, free_port, process_env
 from tests.support.procs import ProcError as StackError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -43,7 +41,7 @@ async def _wait_ready(stack: Stack, within: float) -> None:
     last = ""
     async with httpx.AsyncClient(base_url=stack.url, timeout=2.0) as http:
         while True:
-            if stack.api.process.returncode is not None:
+            if not stack.api.alive():
                 raise StackError(f"api exited before /ready:\n{stack.api.tail()}")
             try:
                 r = await http.get("/ready")
@@ -79,14 +77,14 @@ async def chatpipe_stack(
         "sse_unknown_grace_ms": 10_000,  # a request produced straight to Kafka may lag
     }
     values.update(overrides)
-    api = await Proc.start(
+    api = Proc.launch(
         "api",
         [sys.executable, "-m", "api"],
         process_env({**values, "instance_id": f"api-{settings.topic_prefix}"}),
         workdir,
         workdir / "api.log",
     )
-    consumer = await Proc.start(
+    consumer = Proc.launch(
         "ai_consumer",
         [sys.executable, "-m", "ai_consumer"],
         process_env({**values, "instance_id": f"ai-{settings.topic_prefix}"}),
@@ -95,12 +93,10 @@ async def chatpipe_stack(
     )
     stack = Stack(settings, api, consumer, port)
     try:
-        await consumer.wait_for(
-            "'partitions assigned' log line", lambda line: "partitions assigned: [" in line, 60
-        )
-        await consumer.wait_for(
-            "cancel listener replay", lambda line: f"replayed {settings.cancels_topic}" in line, 60
-        )
+        # text log lines: each comes as {"msg": line, "raw": True}
+        assigned, replayed = "partitions assigned: [", f"replayed {settings.cancels_topic}"
+        await consumer.log_line(lambda line: assigned in str(line.get("msg", "")), 60)
+        await consumer.log_line(lambda line: replayed in str(line.get("msg", "")), 60)
         await _wait_ready(stack, 60)
         yield stack
     finally:

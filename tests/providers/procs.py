@@ -1,10 +1,10 @@
-"""Real chatpipe processes for the provider and operations tests, watched without sleeping.
+"""Real chatpipe processes for the provider and operations tests.
 
-`start(kind, settings, tmp, **env)` runs `python -m {kind}` configured only through the
-environment (upper-cased settings names, as a deployment does), in a scratch directory (no
-developer `.env` leaks in). A reader task follows its output (JSON log lines) into a file and
-answers `await proc.line(predicate)` the moment a matching line arrives, or fails as soon as the
-process exits or the deadline passes, with the log's tail in the message.
+`start(kind, settings, tmp, **env)` runs `python -m {kind}` (a `Proc` of tests/support/procs.py)
+configured only through the environment (upper-cased settings names, as a deployment does), in
+a scratch directory (no developer `.env` leaks in). `await proc.log_line(predicate)` polls its
+JSON log lines until a matching one is there, or fails as soon as the process exits or the
+deadline passes, with the log's tail in the message.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def environment(settings: Settings, **values: object) -> dict[str, str]:
     return process_env(base)
 
 
-async def start(kind: str, settings: Settings, workdir: Path, name: str, **values: object) -> Proc:
+def start(kind: str, settings: Settings, workdir: Path, name: str, **values: object) -> Proc:
     """Start `python -m {kind}` in `workdir` (which must exist: pytest's tmp_path does)."""
     env = environment(settings, instance_id=f"{settings.key_prefix}{name}", **values)
-    return await Proc.start(
-        name, [sys.executable, "-m", kind], env, workdir, workdir / f"{name}.log"
-    )
+    proc = Proc.launch(name, [sys.executable, "-m", kind], env, workdir)
+    proc.kind = kind
+    return proc
 
 
 def msg_starts(prefix: str) -> Callable[[Line], bool]:
@@ -56,23 +56,21 @@ def msg_starts(prefix: str) -> Callable[[Line], bool]:
 
 async def start_consumer(settings: Settings, workdir: Path, name: str, **values: object) -> Proc:
     """An ai_consumer that owns every partition and has replayed the cancels topic."""
-    proc = await start("ai_consumer", settings, workdir, name, **values)
+    proc = start("ai_consumer", settings, workdir, name, **values)
     every = sorted(range(settings.topic_partitions))
-    await proc.line(
+    await proc.log_line(
         lambda line: str(line.get("msg", "")) == f"partitions assigned: {every}", within=60
     )
-    await proc.line(msg_starts("replayed"), within=30)
+    await proc.log_line(msg_starts("replayed"), within=30)
     return proc
 
 
 async def start_api(settings: Settings, workdir: Path, name: str, **values: object) -> Proc:
     """An api answering 200 on /ready. Its url is `proc.url`."""
     port = free_port()
-    proc = await start(
-        "api", settings, workdir, name, api_port=port, api_host="127.0.0.1", **values
-    )
-    proc.url = f"http://127.0.0.1:{port}"
-    await proc.line(msg_starts("Uvicorn running on"), within=60)
+    proc = start("api", settings, workdir, name, api_port=port, api_host="127.0.0.1", **values)
+    proc.port = port  # proc.url
+    await proc.log_line(msg_starts("Uvicorn running on"), within=60)
     # listening and (normally) ready; Kafka's first metadata answer may still be on its way
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30

@@ -86,7 +86,7 @@ async def test_a_cancel_click_closes_the_model_servers_stream(stack: Stack) -> N
         events = sse_events(response)
         async with asyncio.timeout(15):
             seen = [await anext(events) for _ in range(3)]
-        assert [e.data["delta"] for e in seen] == ["t0 ", "t1 ", "t2 "]
+        assert [e.json()["delta"] for e in seen] == ["t0 ", "t1 ", "t2 "]
         assert not call.disconnected.is_set()  # the model is still "generating"
 
         sent = loop.time()
@@ -102,7 +102,7 @@ async def test_a_cancel_click_closes_the_model_servers_stream(stack: Stack) -> N
 
         rest = await until_done(events)
     assert rest[-1].event == "done"
-    assert rest[-1].data == {"status": "cancelled", "reason": "cancelled by user"}
+    assert rest[-1].json() == {"status": "cancelled", "reason": "cancelled by user"}
     assert len(stack.upstream.calls) == 1
 
 
@@ -122,6 +122,6 @@ async def test_an_upstream_failure_ends_the_stream_with_its_reason(
         assert response.status_code == 200
         events = await until_done(sse_events(response))
     assert [e.event for e in events] == ["done"]
-    assert events[-1].data == {"status": "failed", "reason": reason}
+    assert events[-1].json() == {"status": "failed", "reason": reason}
     failed = stack.consumer.find(lambda line: line.get("message_id") == message_id)
     assert any(line.get("msg") == f"upstream failed: {reason}" for line in failed), failed

@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 import uvicorn
 
-from tests.e2e.cluster import apoll
+from tests.support.wait import apoll
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

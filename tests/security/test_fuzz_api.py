@@ -1,6 +1,6 @@
 """Schemathesis against the api's own OpenAPI schema (issue 7, must-show 5).
 
-A real api process and a real ai_consumer (tests/e2e/cluster.py) on the shared Kafka and Redis,
+A real api process and a real ai_consumer (tests/support/cluster.py) on the shared Kafka and Redis,
 in a namespace of this module. Every operation of /openapi.json gets generated requests, valid
 and invalid; every answer must be no 5xx, a status code the schema documents, the documented
 content type, and a body (and headers) that match the documented schema.
@@ -30,11 +30,11 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster
 
 # the e2e module fixtures: a module-wide namespace, its settings and its topics
 from tests.e2e.conftest import cluster_settings, ns  # noqa: F401
 from tests.e2e.conftest import cluster_topics as cluster_topics
+from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.e2e
 

@@ -23,10 +23,11 @@ import pytest
 
 from chatpipe.clients import make_consumer
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll
 from tests.e2e.conftest import cluster_settings, ns  # noqa: F401
 from tests.e2e.conftest import cluster_topics as cluster_topics
-from tests.e2e.sse import SSEStream
+from tests.support.cluster import Cluster
+from tests.support.sse import SSEStream
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
 

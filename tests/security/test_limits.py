@@ -14,7 +14,7 @@ from chatpipe.clients import make_redis
 from chatpipe.keys import Keys
 from chatpipe.metrics import Metrics
 from chatpipe.settings import Settings
-from tests.e2e.cluster import apoll
+from tests.support.wait import apoll
 
 
 @pytest.fixture

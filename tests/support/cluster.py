@@ -1,4 +1,5 @@
-"""Real chatpipe processes for end-to-end tests: N api, M ai_consumer, 1 cancel_listener.
+"""Real chatpipe processes for end-to-end tests: N api, M ai_consumer, 1 cancel_listener, each a
+`Proc` of tests/support/procs.py.
 
 Every process is configured only through the environment (the settings field names upper-cased,
 as a deployment does), logs JSON lines to its own file, and runs with a scratch working
@@ -9,7 +10,6 @@ listeners have replayed the compacted topic.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -18,44 +18,26 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 import httpx
 
 from chatpipe.settings import Settings
-from tests.support.procs import free_port, process_env
+from tests.support.procs import Proc, ProcError, free_port, process_env
 
-ROOT = Path(__file__).resolve().parents[2]
 Kind = Literal["api", "ai_consumer", "cancel_listener"]
-T = TypeVar("T")
 
 ASSIGNED = "partitions assigned: "
 REVOKED = "partitions revoked: "
 REPLAYED = "replayed"
 
 
-class ClusterError(AssertionError):
-    """A process did not start, exited early or did not become ready in time."""
-
-
 def new_session() -> str:
     """A session id of its own for one chat (no other test's session shares it)."""
     return f"s-{uuid.uuid4().hex[:12]}"
-
-
-def poll(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
-    """Call `check` until it returns something other than None; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            raise ClusterError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)  # sleep-ok: poll interval, nothing to wait on
 
 
 def parse_partitions(msg: str) -> set[int]:
@@ -64,152 +46,6 @@ def parse_partitions(msg: str) -> set[int]:
     if found is None:
         raise ValueError(f"no partition list in {msg!r}")
     return {int(p) for p in json.loads(found.group(0))}
-
-
-async def apoll(
-    what: str,
-    check: Callable[[], Awaitable[T | None]],
-    within: float,
-    interval: float = 0.05,
-) -> T:
-    """Async `poll`: await `check()` until it returns something other than None."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if loop.time() >= deadline:
-            raise ClusterError(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(interval)  # sleep-ok: poll interval, nothing to wait on
-
-
-@dataclass
-class Proc:
-    """One chatpipe process and its log file."""
-
-    name: str
-    kind: Kind
-    instance_id: str
-    env: dict[str, str]
-    log_path: Path
-    port: int | None = None
-    member: bool = True  # one of the cluster's own processes (not an extra a test started)
-    popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise ValueError(f"{self.name} is not an api process")
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        """Where this process serves Prometheus metrics: an api at /metrics on its own port;
-        an ai_consumer or cancel_listener on the free port it picked at start (METRICS_PORT=0)
-        and logged as `metrics listening on http://host:port/metrics`."""
-        if self.kind == "api":
-            return f"{self.url}/metrics"
-        for line in self.lines():
-            url = line.get("metrics_url")
-            if url:
-                return str(url)
-        raise ClusterError(f"{self.name} has not logged its metrics address\n{self.tail()}")
-
-    def start(self, cwd: Path) -> None:
-        with self.log_path.open("ab") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", self.kind],
-                env=self.env,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C on pytest does not reach it; stop() does
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None, f"{self.name} was never started"
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def returncode(self) -> int | None:
-        return None if self.popen is None else self.popen.poll()
-
-    # --- logs ----------------------------------------------------------------------------
-    def text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def lines(self) -> list[dict[str, Any]]:
-        """The log as dicts (JSON lines); a line that is not JSON comes as {"msg": line, "raw": True}."""
-        out: list[dict[str, Any]] = []
-        for line in self.text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                item = None
-            out.append(item if isinstance(item, dict) else {"msg": line, "raw": True})
-        return out
-
-    def find(self, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
-        return [line for line in self.lines() if predicate(line)]
-
-    def wait_for_log(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
-    ) -> dict[str, Any]:
-        """The first log line matching `predicate`, polling the file until `timeout`."""
-
-        def check() -> dict[str, Any] | None:
-            found = self.find(predicate)
-            return found[0] if found else None
-
-        return poll(f"a matching log line of {self.name}", check, timeout)
-
-    async def log_line(
-        self, predicate: Callable[[dict[str, Any]], bool], within: float = 10.0
-    ) -> dict[str, Any]:
-        """`wait_for_log` for async tests (does not block the event loop)."""
-
-        async def check() -> dict[str, Any] | None:
-            found = self.find(predicate)
-            return found[0] if found else None
-
-        return await apoll(f"a matching log line of {self.name}", check, within)
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(self.text().splitlines()[-n:])
-
-    # --- stopping ------------------------------------------------------------------------
-    def signal(self, sig: signal.Signals) -> None:
-        if self.alive():
-            assert self.popen is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(sig)
-
-    def kill(self) -> None:
-        """SIGKILL: the process dies at once, as in a crash."""
-        self.signal(signal.SIGKILL)
-        if self.popen is not None:
-            self.popen.wait(timeout=10)
-
-    def terminate(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`. Returns the exit code."""
-        if self.popen is None:
-            return None
-        self.signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            return self.popen.wait(timeout=10)
 
 
 @dataclass
@@ -260,6 +96,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         return Proc(
             name=name,
+            argv=[sys.executable, "-m", kind],
             kind=kind,
             instance_id=str(values["instance_id"]),
             env=process_env(values),
@@ -346,7 +183,7 @@ class Cluster:
         dead = [p for p in dead if not self._respawn_on_port_clash(p)]
         if dead:
             names = ", ".join(f"{p.name} (exit {p.returncode()})" for p in dead)
-            raise ClusterError(f"exited during start-up: {names}\n{self.diagnostics()}")
+            raise ProcError(f"exited during start-up: {names}\n{self.diagnostics()}")
 
     def assignments(self) -> dict[str, set[int] | None]:
         """The latest partition assignment each consumer logged; None while it has none (not
@@ -396,7 +233,7 @@ class Cluster:
                 if not pending_apis and not not_replayed and settled:
                     return
                 if time.monotonic() >= deadline:
-                    raise ClusterError(
+                    raise ProcError(
                         f"cluster not ready after {timeout:g}s: apis not ready "
                         f"{[p.name for p in pending_apis]}, not replayed {not_replayed}, "
                         f"assignments {self.assignments()}\n{self.diagnostics()}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tests.e2e.cluster import free_port
+from tests.support.procs import free_port
 from tests.support.services import Services
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,9 +16,11 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import ASSIGNED, Proc, apoll, parse_partitions
 from tests.e2e.records import Event, of_message, terminal
-from tests.e2e.sse import SSEEvent, SSEStream
+from tests.support.cluster import ASSIGNED, parse_partitions
+from tests.support.procs import Proc
+from tests.support.sse import SSEEvent, SSEStream
+from tests.support.wait import apoll
 
 FINAL = {"completed", "cancelled", "failed"}
 

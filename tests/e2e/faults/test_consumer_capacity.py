@@ -24,7 +24,6 @@ from redis.asyncio import Redis
 
 from chatpipe.schemas import rfc3339, utcnow
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, ClusterShape
 from tests.e2e.faults.consumer_support import (
     FINAL,
@@ -33,6 +32,8 @@ from tests.e2e.faults.consumer_support import (
     wait_assigned,
 )
 from tests.e2e.records import foreign_producer, read_responses
+from tests.support.cluster import Cluster, new_session
+from tests.support.wait import apoll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

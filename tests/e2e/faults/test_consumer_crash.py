@@ -21,7 +21,6 @@ from redis.asyncio import Redis
 from ai_consumer.llm.simulated import simulated_tokens
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.faults.consumer_support import (
     kafka_checks,
@@ -33,7 +32,8 @@ from tests.e2e.faults.consumer_support import (
     texts_after_last_restart,
 )
 from tests.e2e.records import read_responses
-from tests.e2e.sse import chunks
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import chunks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

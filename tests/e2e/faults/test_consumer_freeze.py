@@ -28,11 +28,12 @@ from redis.asyncio import Redis
 
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import kafka_checks, msg_field, recorded, sse_checks
 from tests.e2e.records import read_responses, terminal
-from tests.e2e.sse import chunks
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import chunks
+from tests.support.wait import apoll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

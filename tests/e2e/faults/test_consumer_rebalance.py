@@ -23,7 +23,6 @@ from redis.asyncio import Redis
 from ai_consumer.llm.simulated import simulated_tokens
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import (
     assignment_times,
@@ -38,7 +37,8 @@ from tests.e2e.faults.consumer_support import (
     wait_assigned,
 )
 from tests.e2e.records import read_responses
-from tests.e2e.sse import chunks
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import chunks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -20,7 +20,6 @@ import pytest
 from redis.asyncio import Redis
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, Proc, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import (
     all_committed,
@@ -32,7 +31,10 @@ from tests.e2e.faults.consumer_support import (
     wait_assigned,
 )
 from tests.e2e.records import read_responses
-from tests.e2e.sse import chunks
+from tests.support.cluster import Cluster, new_session
+from tests.support.procs import Proc
+from tests.support.sse import chunks
+from tests.support.wait import apoll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

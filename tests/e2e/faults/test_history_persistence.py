@@ -20,10 +20,10 @@ from ai_consumer.llm.simulated import simulated_tokens
 from chatpipe.history import Turn, prompt
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api
-from tests.e2e.sse import SSEEvent, chunks, dones
+from tests.support.cluster import Cluster, new_session
 from tests.support.private_stack import PrivateStack, private_stack
+from tests.support.sse import SSEEvent, chunks, dones
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -30,13 +30,14 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import recorded
 from tests.e2e.records import of_message, read_responses, terminal
-from tests.e2e.sse import chunks, dones
 from tests.interop.stack import read_topic
+from tests.support.cluster import Cluster, new_session
 from tests.support.private_stack import PrivateStack
+from tests.support.sse import chunks, dones
+from tests.support.wait import apoll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -29,9 +29,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.partitioner import murmur2
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
-from tests.e2e.sse import chunks, dones
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import chunks, dones
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -15,11 +15,11 @@ import pytest
 from redis.asyncio import Redis
 
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import recorded
 from tests.e2e.records import of_message, read_responses, terminal
-from tests.e2e.sse import chunks, dones
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import chunks, dones
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -20,11 +20,12 @@ from redis.asyncio import Redis
 from chatpipe.clients import make_redis
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.records import of_message, read_responses, terminal
-from tests.e2e.sse import SSEError, SSEEvent, chunks, dones
+from tests.support.cluster import Cluster, new_session
 from tests.support.private_stack import PrivateStack
+from tests.support.sse import SSEError, SSEEvent, chunks, dones
+from tests.support.wait import apoll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

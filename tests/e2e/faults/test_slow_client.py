@@ -22,9 +22,10 @@ from datetime import datetime
 
 import pytest
 
-from tests.e2e.cluster import Cluster, apoll, new_session
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
-from tests.e2e.sse import SSEStream, chunks
+from tests.support.cluster import Cluster, new_session
+from tests.support.sse import SSEStream, chunks
+from tests.support.wait import apoll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
