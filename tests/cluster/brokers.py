@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from chatpipe.clients import make_admin
 from chatpipe.settings import Settings
+from tests.support.wait import apoll
 
 
 def node_name(broker_id: int) -> str:
@@ -40,3 +42,33 @@ async def partitions(admin: AIOKafkaAdminClient, topics: Collection[str]) -> lis
 async def leaders(admin: AIOKafkaAdminClient, topic: str) -> collections.Counter[int]:
     """How many partitions of `topic` each broker leads."""
     return collections.Counter(p["leader"] for p in await partitions(admin, [topic]))
+
+
+async def led_by_others(admin: AIOKafkaAdminClient, topic: str, broker: int) -> bool | None:
+    """True once every partition of `topic` has a live leader other than `broker` (None while
+    not, or while the brokers do not answer)."""
+    try:
+        found = await partitions(admin, [topic])
+    except KafkaError:
+        return None
+    return True if all(p["leader"] not in (broker, -1) for p in found) else None
+
+
+async def wait_in_sync(
+    admin: AIOKafkaAdminClient, topics: Collection[str], replicas: int = 3, within: float = 60.0
+) -> None:
+    """Until every partition of `topics` has all `replicas` replicas in its ISR."""
+    behind: list[tuple[int, list[int]]] = []
+
+    async def check() -> bool | None:
+        try:
+            found = await partitions(admin, topics)
+        except KafkaError:
+            return None
+        behind[:] = [(p["partition"], p["isr"]) for p in found if len(p["isr"]) < replicas]
+        return None if behind else True
+
+    try:
+        await apoll(f"ISR of {replicas} for every partition", check, within, interval=0.25)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: (partition, isr) still behind: {behind}") from None

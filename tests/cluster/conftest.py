@@ -5,22 +5,26 @@ single-node stack. Test helpers stop, kill -9 and restart one node by name.
 chatpipe's processes run on it through the e2e harness (tests/e2e/conftest.py's `cluster` and
 `cluster_topics`, with `cluster_settings` here): a module's own namespace on the 3 brokers
 (topics created as `chatpipe topics` does: RF 3, min ISR 2), 3 api + 3 ai_consumer + 1
-cancel_listener, and `cluster_redis_url` as their Redis (see there)."""
+cancel_listener, and `cluster_redis` as their Redis (see there)."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from chatpipe.settings import Settings
 from tests.conftest import namespace
 
 # the e2e harness's fixtures, on this folder's `cluster_settings` (pytest finds them by name)
-from tests.e2e.conftest import ClusterShape, cluster, cluster_topics  # noqa: F401
+from tests.e2e.conftest import Api, ClusterShape, cluster, cluster_topics  # noqa: F401
+from tests.support.cluster import Cluster
 from tests.support.services import Services
 
 SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "local" / "cluster.sh"
@@ -68,29 +72,29 @@ def cluster_stack() -> ClusterStack:
 
 
 @pytest.fixture(scope="session")
-def cluster_redis_url(real_services: Services) -> str:
-    """The Redis of chatpipe's processes on the cluster stack: the single-node Redis of the
-    test run (REDIS_URL), because the processes do not speak Redis Cluster yet. Once they do
-    (REDIS_CLUSTER, issue 13), this becomes the Redis Cluster: `cluster_stack.env["REDIS_URL"]`
-    (and REDIS_CLUSTER=true for the processes)."""
-    return real_services.redis_url
+def cluster_redis(cluster_stack: ClusterStack, real_services: Services) -> dict[str, object]:
+    """The Redis of chatpipe's processes on the cluster stack (their REDIS_* settings): the
+    single-node Redis of the test run (REDIS_URL), so that these tests show Kafka's faults
+    alone. On the stack's Redis Cluster (REDIS_CLUSTER, which the processes speak) it is one
+    line: `return {"redis_url": cluster_stack.env["REDIS_URL"], "redis_cluster": True}`."""
+    return {"redis_url": real_services.redis_url, "redis_cluster": False}
 
 
 @pytest.fixture(scope="module")
-def cluster_settings(cluster_stack: ClusterStack, cluster_redis_url: str) -> Settings:
+def cluster_settings(cluster_stack: ClusterStack, cluster_redis: dict[str, object]) -> Settings:
     """The module's chatpipe settings on the cluster stack: topics, keys and consumer group of
     a namespace of its own."""
     ns = namespace()
     return Settings(
         _env_file=None,
         kafka_bootstrap_servers=cluster_stack.bootstrap,
-        redis_url=cluster_redis_url,
         topic_prefix=f"{ns}.",
         key_prefix=f"{ns}:",
         consumer_group=f"{ns}-ai",
         topic_partitions=12,
         instance_id=f"test-{ns}",
         log_format="json",
+        **cluster_redis,  # type: ignore[arg-type]
     )
 
 
@@ -99,3 +103,21 @@ def cluster_shape() -> ClusterShape:
     """Issue 13's shape: 3 api + 3 ai_consumer + 1 cancel_listener (90 s to be ready: the
     group's first join on 3 brokers, on a shared 2-core box)."""
     return ClusterShape(apis=3, consumers=3, ready_timeout=90)
+
+
+@contextlib.asynccontextmanager
+async def api_clients(
+    processes: Cluster, limits: httpx.Limits, timeouts: httpx.Timeout
+) -> AsyncIterator[list[Api]]:
+    """A client of each api process of `processes`, closed at the end."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            Api(
+                p.name,
+                p.url,
+                await stack.enter_async_context(
+                    httpx.AsyncClient(base_url=p.url, limits=limits, timeout=timeouts)
+                ),
+            )
+            for p in processes.api_procs
+        ]
