@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ClusterDownError, RedisError, ResponseError, TryAgainError
 
 from chatpipe.errors import ChatpipeError
 from chatpipe.keys import Keys
@@ -33,6 +33,11 @@ XREAD_COUNT = b"1000"
 XREAD_BLOCK_MS = b"10000"
 
 log = logging.getLogger(__name__)
+
+# Refusals that name no stream: a Redis Cluster without a primary for a slot for the moment
+# (CLUSTERDOWN while a replica is promoted, TRYAGAIN during a resharding). The read is sent
+# again after a backoff; no client is ended for them.
+CLUSTER_TRANSIENT = (ClusterDownError, TryAgainError)
 
 StreamId = tuple[int, int]
 Entry = tuple[str, dict[bytes, bytes]]  # (id, fields)
@@ -290,7 +295,9 @@ class Hub:
                 # cause, only its clients end; the others are read again at once
                 if self._stopping:
                     return
-                if await self._isolate(group, read_from, e):
+                if not isinstance(e, CLUSTER_TRANSIENT) and await self._isolate(
+                    group, read_from, e
+                ):
                     continue
                 group.healthy = False
                 log.warning("sse hub read refused, retrying in %.1fs: %s", backoff, e)
@@ -338,6 +345,8 @@ class Hub:
                     cursor,
                     **await self._read_options(group),
                 )
+            except CLUSTER_TRANSIENT:
+                return False  # the cluster, not this stream: the whole read is sent again
             except ResponseError as e:
                 log.warning(
                     "sse hub: Redis refuses to read this message's stream after %s (%s): its"

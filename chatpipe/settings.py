@@ -191,8 +191,9 @@ class Settings(BaseSettings):
     # least this many ms apart, so more chunks share one; the producer of chat.responses waits
     # up to producer_linger_ms to batch records (chunks are not awaited: SSE does not wait)
     # a write of chunks that cannot reach Redis is sent again for this long before the
-    # streams of its batch end failed (ai_consumer/sink.py)
-    sink_redis_retry_s: float = 10.0
+    # streams of its batch end failed (ai_consumer/sink.py). Longer than a Redis Cluster
+    # failover: cluster-node-timeout (15 s by default) plus the replica's election
+    sink_redis_retry_s: float = 30.0
     # chunk records waiting for Kafka (a broker outage): at most this many, none older than
     # this (dropped, counted; terminal events never are): ai_consumer/sink.py
     sink_kafka_max_pending: int = 100_000

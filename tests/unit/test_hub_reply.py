@@ -5,12 +5,14 @@ replies are in tests/integration/test_hub.py."""
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 from typing import Any, cast
 
 import pytest
 from redis._parsers.helpers import parse_xread_resp3_to_resp2_legacy
 from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, TryAgainError
 
 from api.hub import Hub, RawReply, entries_of, reply_streams
 from chatpipe.keys import Keys
@@ -183,3 +185,44 @@ async def test_a_subscriber_whose_queue_fills_is_dropped_and_the_others_get_ever
     assert [fast.queue.get_nowait()[0] for _ in range(2)] == ["1-2", "2-0"]
     assert metrics.registry.get_sample_value("chatpipe_sse_slow_clients_dropped_total") == 1
     assert hub._subs["m-a"] == {fast}
+
+
+class ScriptedReader(FakeReader):
+    """XREAD answers from a script: an exception to raise, or a reply; then it blocks."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.reads = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.reads += 1
+        if self.answers:
+            answer = self.answers.pop(0)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        await asyncio.Event().wait()  # a blocked XREAD with nothing new
+        return None
+
+
+@pytest.mark.parametrize("refusal", [ClusterDownError, TryAgainError])
+async def test_a_cluster_without_a_primary_for_a_moment_ends_no_client(
+    refusal: type[Exception],
+) -> None:
+    """While a Redis Cluster promotes a replica it answers CLUSTERDOWN (TRYAGAIN while a slot
+    moves) to every read: that is the cluster, not one client's stream, so the read is sent
+    again after a backoff and every client gets its events; none is ended."""
+    reader = ScriptedReader(
+        [refusal("The cluster is down"), refusal("The cluster is down"), {A: [[b"5-1", CHUNK]]}]
+    )
+    hub = Hub(cast(Redis, reader), cast(Redis, FakeWriter()), KEYS, "api-u", Metrics(), 10)
+    hub.start()
+    try:
+        sub = await hub.subscribe("s", "m-a", (0, 0))
+        entry = await asyncio.wait_for(sub.queue.get(), 5)
+        assert entry == ("5-1", fields(CHUNK))
+        assert reader.reads >= 3
+        assert hub.healthy
+    finally:
+        await hub.stop()
