@@ -1,8 +1,11 @@
 """The Docker compose files, checked without Docker (no engine runs here): each is valid
 against the Compose Specification's JSON Schema (tests/ops/vendor), and what the schema cannot
 see holds too: services that are referenced exist, every chatpipe setting a file sets is one
-chatpipe reads, files it mounts or builds from exist, and the multi-node file puts its api
-instances behind nginx with the upstreams the nginx config names."""
+chatpipe reads, files it mounts or builds from exist, the processes bootstrap from every
+broker of the file, and the multi-node file puts its api instances behind nginx with the
+upstreams the nginx config names, runs 3 Kafka brokers that keep every topic on all three with
+two in sync (RF 3, min ISR 2), and runs the processes on a Redis Cluster of 3 primaries + 3
+replicas."""
 
 from __future__ import annotations
 
@@ -127,7 +130,8 @@ def test_references_settings_and_paths_hold(path: Path) -> None:
         assert not unknown, f"{name} sets variables chatpipe does not read: {sorted(unknown)}"
         # every broker of the file (any one is enough to start; a dead one is skipped)
         assert set(env["KAFKA_BOOTSTRAP_SERVERS"].split(",")) == brokers, name
-        assert env["REDIS_URL"].startswith("redis://redis:"), name
+        redis_host = env["REDIS_URL"].removeprefix("redis://").split(":", 1)[0]
+        assert str(services[redis_host]["image"]).startswith("redis:"), name
         assert {"redis", "topics"} & set(service.get("depends_on") or {}), name
         if "INSTANCE_ID" in env:
             ids.append(env["INSTANCE_ID"])
@@ -204,7 +208,7 @@ def test_multi_node_compose_runs_three_brokers_keeping_every_topic_on_all_three(
     )
 
 
-def test_multi_node_compose_defines_a_redis_cluster_of_three_primaries_and_three_replicas() -> None:
+def test_multi_node_compose_runs_on_a_redis_cluster_of_three_primaries_and_three_replicas() -> None:
     data = load(INFRA / "docker-compose.multi.yml")
     services = data["services"]
     nodes = {
@@ -215,7 +219,10 @@ def test_multi_node_compose_defines_a_redis_cluster_of_three_primaries_and_three
     assert len(nodes) == 6
     for name, node in nodes.items():
         assert node["hostname"] == name
-        assert "--appendonly yes" in " ".join(node["command"]), name
+        command = " ".join(node["command"])
+        assert "--appendonly yes" in command, name
+        # reachable by name from the other containers after a restart (a new container IP)
+        assert "--cluster-preferred-endpoint-type hostname" in command, name
         assert len(node["volumes"]) == 1, name
     create = services["redis-cluster-create"]
     script = " ".join(create["command"])
@@ -224,9 +231,12 @@ def test_multi_node_compose_defines_a_redis_cluster_of_three_primaries_and_three
     assert {n for n in nodes if f"{n}:6379" in script} == set(nodes)
     assert "cluster_state:ok" in script  # made once; a no-op on the next `up`
     assert set(create["depends_on"]) == set(nodes)
-    # the processes use a Redis that `up` starts; REDIS_CLUSTER=true goes with a cluster node
+    # every process on the cluster, once it is made
     for name, service in chatpipe_services(data).items():
         env = environment(service)
         host = env["REDIS_URL"].removeprefix("redis://").split(":", 1)[0]
-        assert "profiles" not in services[host], f"{name}: REDIS_URL on a service off by default"
-        assert (env.get("REDIS_CLUSTER", "false") == "true") == (host in nodes), name
+        assert host in nodes, name
+        assert env["REDIS_CLUSTER"] == "true", name
+        condition = service["depends_on"]["redis-cluster-create"]["condition"]
+        assert condition == "service_completed_successfully", name
+    assert not [n for n, s in services.items() if "profiles" in s]  # `up` starts it all
