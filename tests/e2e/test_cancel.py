@@ -16,7 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from chatpipe.keys import cancel_record_key
+from chatpipe.keys import Keys, cancel_record_key
 from chatpipe.settings import Settings
 from tests.e2e.conftest import Api
 from tests.e2e.records import foreign_producer, of_message, read_responses, terminal
@@ -92,7 +92,7 @@ async def test_twenty_rapid_clicks_on_both_apis_end_it_once(
     # exactly one terminal event in the stream SSE readers replay from ...
     entries = cast(
         list[tuple[bytes, dict[bytes, bytes]]],
-        await redis.xrange(f"{settings.key_prefix}chat:stream:{message_id}"),
+        await redis.xrange(Keys.from_settings(settings).stream(session, message_id)),
     )
     assert [fields[b"e"] for _, fields in entries].count(b"done") == 1
     # ... and on chat.responses, read up to the end offsets after the first one showed up
@@ -131,7 +131,7 @@ async def test_cancel_during_a_long_stream(
     a, b = apis
     session = new_session()
     message_id = (await a.chat(session))["message_id"]  # 60 tokens, ~6 s
-    active_key = f"{settings.key_prefix}chat:active:{session}"
+    active_key = Keys.from_settings(settings).active(session)
     loop = asyncio.get_running_loop()
     async with a.stream(message_id) as stream:
         stream.record()
@@ -158,7 +158,8 @@ async def test_cancel_during_a_long_stream(
     assert len(chunks(events)) < 30, "the stream did not stop early"
     # the consumer that generated it logged the cancel, naming the message
     state = cast(
-        dict[bytes, bytes], await redis.hgetall(f"{settings.key_prefix}chat:msg:{message_id}")
+        dict[bytes, bytes],
+        await redis.hgetall(Keys.from_settings(settings).msg(session, message_id)),
     )
     assert state[b"state"] == b"cancelled"
     owner = cluster.by_instance(state[b"owner"].decode())

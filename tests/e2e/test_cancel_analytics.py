@@ -22,6 +22,7 @@ from chatpipe.settings import Settings
 from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.records import foreign_producer
 from tests.support.cluster import Cluster, new_session
+from tests.support.keys import msg_key
 from tests.support.wait import apoll
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +59,7 @@ async def consumer_metrics(cluster: Cluster) -> tuple[Counter[tuple[str, str]], 
 
 async def state_of(redis: Redis, keys: Keys, message_id: str, wanted: bytes) -> bytes:
     async def reached() -> bytes | None:
-        state = await redis.hget(keys.msg(message_id), "state")
+        state = await redis.hget(await msg_key(redis, keys, message_id), "state")
         return state if state == wanted else None
 
     return await apoll(f"{message_id} {wanted.decode()}", reached, within=30)
@@ -101,7 +102,9 @@ async def test_cancels_are_counted_by_phase_and_source(
         await producer.send_and_wait(settings.cancels_topic, record.to_json(), key=key)
 
     async def mirrored() -> bool | None:  # the listeners set its flag; it ends behind `busy`
-        return True if await redis.hget(keys.msg(waiting), "cancel_requested") else None
+        return (
+            True if await redis.hget(keys.msg(kafka_session, waiting), "cancel_requested") else None
+        )
 
     await apoll("the Kafka cancel to be mirrored", mirrored, within=15)
 

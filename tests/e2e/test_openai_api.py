@@ -33,6 +33,7 @@ from tests.providers.upstream import (
     reply,
 )
 from tests.support.cluster import Cluster
+from tests.support.keys import msg_key
 from tests.support.sse import dones
 from tests.support.wait import apoll
 
@@ -116,7 +117,7 @@ async def test_closing_the_stream_halfway_cancels_the_answer_and_the_upstream_st
     keys = Keys.from_settings(settings)
 
     async def final() -> dict[bytes, bytes] | None:
-        fields = await redis.hgetall(keys.msg(message_id))
+        fields = await redis.hgetall(await msg_key(redis, keys, message_id))
         return fields if fields.get(b"state") == b"cancelled" else None
 
     fields = await apoll("the message to end cancelled", final, within=10)
@@ -244,7 +245,7 @@ async def test_a_client_gone_before_a_whole_completion_cancels_it(
     keys = Keys.from_settings(settings)
 
     async def final() -> bytes | None:
-        state = await redis.hget(keys.msg(message_id), "state")
+        state = await redis.hget(await msg_key(redis, keys, message_id), "state")
         return state if state in (b"cancelled", b"completed", b"failed") else None
 
     assert await apoll("the message to end", final, within=10) == b"cancelled"
@@ -288,7 +289,7 @@ async def test_the_node_sdk_reads_an_answer_and_aborts_one(
     keys = Keys.from_settings(settings)
 
     async def final() -> bytes | None:
-        state = await redis.hget(keys.msg(message_id), "state")
+        state = await redis.hget(await msg_key(redis, keys, message_id), "state")
         return state if state in (b"cancelled", b"completed", b"failed") else None
 
     assert await apoll("the aborted message to end", final, within=10) == b"cancelled"

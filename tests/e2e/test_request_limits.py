@@ -33,6 +33,7 @@ from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from tests.e2e.conftest import DEFAULT_ENV, ClusterShape
 from tests.support.cluster import Cluster, new_session
+from tests.support.keys import stream_key
 
 pytestmark = pytest.mark.e2e
 
@@ -195,12 +196,13 @@ async def test_a_client_that_stops_reading_at_the_end_of_its_answer_is_dropped(
     assert response.status_code == 202, response.text
     message_id = response.json()["message_id"]
     keys = Keys.from_settings(settings)
+    stream = await stream_key(redis, keys, message_id)
     delta = "x" * (1 << 20)
     for seq in range(1, ANSWER_MB + 1):
         data = json.dumps({"seq": seq, "delta": delta})
-        await redis.xadd(keys.stream(message_id), {"e": "chunk", "s": seq, "d": data})
+        await redis.xadd(stream, {"e": "chunk", "s": seq, "d": data})
     done = '{"status":"completed"}'
-    await redis.xadd(keys.stream(message_id), {"e": "done", "s": ANSWER_MB + 1, "d": done})
+    await redis.xadd(stream, {"e": "done", "s": ANSWER_MB + 1, "d": done})
     api = cluster.api_procs[0]
     path = f"/api/chat/{message_id}/stream"
     async with raw(api.url, rcvbuf=4096) as (stalled, sock):

@@ -137,7 +137,7 @@ async def test_another_user_cannot_stream_cancel_or_post_into_a_session(
     async with SSEStream(anonymous[1], accepted["stream_url"]) as stream:
         stream.record()
         await stream.wait_for(lambda evs: len(chunks(evs)) >= 1, within=15, what="a chunk")
-        msg_before = await redis.hgetall(keys.msg(mid))
+        msg_before = await redis.hgetall(keys.msg(session, mid))
         for client in bob:  # bob knows the session and message ids, on both instances
             cancel = await client.post(
                 "/api/cancel", json={"session_id": session, "message_id": mid}
@@ -178,7 +178,7 @@ async def test_another_user_cannot_stream_cancel_or_post_into_a_session(
         # nothing bob did changed alice's message, session or stream
         assert not await redis.exists(keys.cancel(session, mid))
         assert await redis.get(keys.owner(session)) == alice_name.encode()
-        after = await redis.hgetall(keys.msg(mid))
+        after = await redis.hgetall(keys.msg(session, mid))
         assert after.get(b"cancel_requested") is None
         assert after[b"user"] == msg_before[b"user"]
         await stream.wait_done(within=30)

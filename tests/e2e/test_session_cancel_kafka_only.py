@@ -64,7 +64,7 @@ async def test_a_kafka_session_cancel_stops_the_messages_still_only_in_kafka(
             spring_request(neighbour, other, "the neighbour's"),
             key=neighbour.encode(),
         )
-        assert not await redis.exists(keys.msg(before[0]))  # Redis has not seen them
+        assert not await redis.exists(keys.msg(session, before[0]))  # Redis has not seen them
         stop_all = orjson.dumps({"type": "chat.session_cancel", "sessionId": session})
         await producer.send_and_wait(
             settings.cancels_topic, stop_all, key=session_cancel_record_key(session).encode()

@@ -147,7 +147,9 @@ async def test_delete_of_a_session_stops_it_then_leaves_nothing_of_it(
     left = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}*", count=1000)]
     mine = [k for k in left if any(i in k.decode() for i in ids)]
     assert mine == []
-    assert await redis.zscore(Keys.from_settings(settings).leases(), streaming) is None
+    keys = Keys.from_settings(settings)
+    member = cancel_record_key(session, streaming)
+    assert await redis.zscore(keys.leases(keys.bucket(session)), member) is None
     for message_id in (ended, streaming, queued):
         gone = await b.client.get(f"/api/chat/{message_id}/stream")
         assert gone.status_code == 404, gone.text

@@ -67,6 +67,8 @@ class Cluster:
         values: dict[str, object] = {
             "kafka_bootstrap_servers": s.kafka_bootstrap_servers,
             "redis_url": s.redis_url,
+            "redis_cluster": s.redis_cluster,
+            "redis_key_buckets": s.redis_key_buckets,
             "topic_prefix": s.topic_prefix,
             "key_prefix": s.key_prefix,
             "consumer_group": s.consumer_group,

@@ -18,6 +18,7 @@ from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from tests.e2e.records import Event, of_message, terminal
 from tests.support.cluster import ASSIGNED, parse_partitions
+from tests.support.keys import msg_key
 from tests.support.procs import Proc
 from tests.support.sse import SSEEvent, SSEStream
 from tests.support.wait import apoll
@@ -45,9 +46,10 @@ async def live_at(
     and `finished` times in `chat:msg:{id}` (the consumer's clock, the same host's)."""
     keys = Keys.from_settings(settings)
     ids = list(message_ids)
+    names = [await msg_key(redis, keys, m) for m in ids]
     async with redis.pipeline(transaction=False) as pipe:
-        for m in ids:
-            pipe.hmget(keys.msg(m), ["started", "finished"])
+        for name in names:
+            pipe.hmget(name, ["started", "finished"])
         values = await pipe.execute()
     live = 0
     for started, finished in values:
@@ -107,12 +109,13 @@ def kafka_checks(message_id: str, events: list[Event]) -> list[Event]:
 async def msg_field(
     redis: Redis, settings: Settings, message_ids: Iterable[str], field: str
 ) -> dict[str, str]:
-    """One field of each message's `chat:msg:{id}` ("" when it has none), one round trip."""
+    """One field of each message's `chat:msg:{id}` ("" when it has none)."""
     keys = Keys.from_settings(settings)
     ids = list(message_ids)
+    names = [await msg_key(redis, keys, m) for m in ids]
     async with redis.pipeline(transaction=False) as pipe:
-        for m in ids:
-            pipe.hget(keys.msg(m), field)
+        for name in names:
+            pipe.hget(name, field)
         values = await pipe.execute()
     return {m: (v.decode() if v is not None else "") for m, v in zip(ids, values, strict=True)}
 

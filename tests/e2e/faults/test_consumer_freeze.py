@@ -32,6 +32,7 @@ from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import kafka_checks, msg_field, recorded, sse_checks
 from tests.e2e.records import read_responses, terminal
 from tests.support.cluster import Cluster, new_session
+from tests.support.keys import stream_key
 from tests.support.sse import chunks
 from tests.support.wait import apoll
 
@@ -84,7 +85,7 @@ async def test_a_consumer_woken_after_losing_its_lease_writes_nothing_after_the_
             # what the frozen run had written when it stopped (its Kafka records come after)
             last = cast(
                 list[tuple[bytes, dict[bytes, bytes]]],
-                await redis.xrevrange(keys.stream(message_id), count=1),
+                await redis.xrevrange(await stream_key(redis, keys, message_id), count=1),
             )
             written = int(last[0][1][b"s"])
 

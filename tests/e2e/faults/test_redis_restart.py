@@ -91,7 +91,7 @@ async def test_a_cancel_pending_for_a_queued_message_survives_a_redis_restart(
     await asyncio.to_thread(private.restart_redis)
     await fresh_redis.connection_pool.disconnect()  # its connections died with the server
     # the data is gone (nothing re-creates a message's state but the consumer, not running)
-    assert not await fresh_redis.exists(keys.msg(cancelled))
+    assert not await fresh_redis.exists(keys.msg(session, cancelled))
 
     async def flag_back() -> bool | None:
         return True if await fresh_redis.exists(flag) else None
@@ -103,7 +103,9 @@ async def test_a_cancel_pending_for_a_queued_message_survives_a_redis_restart(
     consumer = cluster.spawn("ai_consumer", "ai-late")
 
     async def both_final() -> bool | None:
-        found = [await fresh_redis.hget(keys.msg(m), "state") for m in (cancelled, answered)]
+        found = [
+            await fresh_redis.hget(keys.msg(session, m), "state") for m in (cancelled, answered)
+        ]
         return True if all(s in (b"cancelled", b"completed", b"failed") for s in found) else None
 
     # the message states are gone with Redis: the consumer re-creates them when it takes the
