@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     # streams of its batch end failed (ai_consumer/sink.py). Longer than a Redis Cluster
     # failover: cluster-node-timeout (15 s by default) plus the replica's election
     sink_redis_retry_s: float = 30.0
+    # on a Redis Cluster: a message's FINISH waits (WAIT 1) this long for a replica to have it
+    # before its terminal event goes to Kafka (chatpipe/state.py); 0 = no wait
+    redis_finish_wait_ms: int = Field(default=100, ge=0)
     # chunk records waiting for Kafka (a broker outage): at most this many, none older than
     # this (dropped, counted; terminal events never are): ai_consumer/sink.py
     sink_kafka_max_pending: int = 100_000

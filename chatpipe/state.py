@@ -11,6 +11,7 @@ one script each, so every message reaches exactly one final state:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -24,10 +25,11 @@ from chatpipe.clients import is_cluster
 from chatpipe.codec import dumps
 from chatpipe.history import Turn, parse_turns
 from chatpipe.keys import Keys, cancel_record_key, split_record_key
-from chatpipe.scripts import load_script, register
+from chatpipe.scripts import Script, load_script, register
 from chatpipe.settings import Settings
 
 OBSERVES_QUEUED = 2  # commands State.observe queues: the message's `where`, then OBSERVE
+log = logging.getLogger(__name__)
 FINAL_STATES = frozenset({"completed", "cancelled", "failed"})
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 CancelAnswer = Literal["cancelled", "repeated", "completed", "failed", "not_found", "forbidden"]
@@ -599,10 +601,29 @@ class State:
             "" if prompt_tokens is None else prompt_tokens,
             cancel_record_key(session_id, message_id),
         ]
-        raw = await self._finish(keys=keys, args=args)
+        raw = await self._replicated(self._finish, keys, args)
         if _s(raw[0]) == "already":
             return Finish(_s(raw[1]), "", "", already=True)
         return Finish(_s(raw[0]), _s(raw[1]), _s(raw[2]), cancel_source=_s(raw[3]))
+
+    async def _replicated(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
+        """Run `script`; on a Redis Cluster (REDIS_FINISH_WAIT_MS > 0) then WAIT, on the same
+        connection, until a replica has its writes or the wait is over: a failover right after
+        cannot lose them (replication is asynchronous). Used for FINISH: its terminal event goes
+        to Kafka next, and a FINISH lost to a failover would make the message `streaming` again
+        on the promoted replica, answered a second time. A replica that does not answer in
+        time costs the wait, not the message (logged)."""
+        wait_ms = self.settings.redis_finish_wait_ms
+        if not self.cluster or wait_ms <= 0:
+            return await script(keys=keys, args=args)
+        node = cast(Any, self.redis).get_node_from_key(keys[0])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", 1, wait_ms, target_nodes=node)
+            raw, replicas = await pipe.execute()
+        if int(replicas) < 1:
+            log.warning("no replica acknowledged a FINISH within %d ms", wait_ms)
+        return raw
 
     def append(
         self,
