@@ -584,8 +584,8 @@ async def test_real_records_validate(topics: Settings, redis: Redis, tmp_path: P
                         break
             assert done == {"m-short": "completed", "m-camel": "completed", "m-long": "cancelled"}
             msg = Keys.from_settings(settings).msg
-            assert await redis.hget(msg("m-long"), "state") == b"cancelled"
-            assert await redis.hget(msg("m-camel"), "state") == b"completed"
+            assert await redis.hget(msg("s-real", "m-long"), "state") == b"cancelled"
+            assert await redis.hget(msg("s-java", "m-camel"), "state") == b"completed"
 
         # the tombstone is written right after chat.cancelled: wait for it with a deadline
         async with asyncio.timeout(20):
