@@ -90,7 +90,9 @@ async def test_a_consumer_woken_after_losing_its_lease_writes_nothing_after_the_
             written = int(last[0][1][b"s"])
 
             async def ended_by_another() -> bool | None:
-                fields = await redis.hmget(Keys.from_settings(settings).msg(message_id), ["state"])
+                fields = await redis.hmget(
+                    Keys.from_settings(settings).msg(session, message_id), ["state"]
+                )
                 return True if fields[0] == b"completed" else None
 
             # the survivor takes it over (lease lapsed, partition reassigned) and ends it
@@ -121,7 +123,7 @@ async def test_a_consumer_woken_after_losing_its_lease_writes_nothing_after_the_
     # the Redis stream too: nothing after its `done`
     entries = cast(
         list[tuple[bytes, dict[bytes, bytes]]],
-        await redis.xrange(Keys.from_settings(settings).stream(message_id)),
+        await redis.xrange(Keys.from_settings(settings).stream(session, message_id)),
     )
     names = [f[b"e"].decode() for _, f in entries]
     assert names.count("done") == 1, names[-10:]
