@@ -348,6 +348,8 @@ class Handler:
             completion_tokens=tokens.completion,
             prompt_tokens=tokens.prompt,
         )
+        if stream is not None:
+            stream.finished = True  # its lease is released once Kafka acks the terminal event
         if result.already:
             log.info(
                 "already final (%s) when finishing, no terminal event", result.state, extra=ids

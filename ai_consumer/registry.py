@@ -15,6 +15,7 @@ class LocalStream:
     cancel_requested_at: float | None = None  # wall clock the user asked to cancel
     lost: bool = False  # another instance holds our lease now: stop without a terminal event
     epoch: str = ""  # the run's fencing token (Claim.epoch), checked by every write of it
+    finished: bool = False  # FINISH is done: only its terminal event is left to publish
 
 
 class Registry:

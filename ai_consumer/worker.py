@@ -392,14 +392,15 @@ class Worker:
                 continue
             for i in lost:
                 message_id = owned[i][0]
+                stream = self.registry.running.get(message_id)
+                if stream is None or stream.finished:
+                    continue  # ended, or its lease released with its terminal published
                 log.warning(
                     "lost the lease of a running stream; stopping it",
                     extra={"message_id": message_id, "session_id": owned[i][1]},
                 )
-                stream = self.registry.running.get(message_id)
-                if stream is not None:
-                    stream.lost = True
-                    stream.cancelled.set()
+                stream.lost = True
+                stream.cancelled.set()
 
     def stats(self) -> dict[str, Any]:
         return {"running": self.lanes.running, "waiting": self.lanes.waiting, "paused": self.paused}

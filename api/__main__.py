@@ -29,6 +29,7 @@ def main() -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.api_keep_alive_s,
     )
 
 

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # --- api ---------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # an idle keep-alive connection is closed after this long. Longer than what clients and
+    # load balancers keep an idle connection open (httpx 5 s, nginx upstream 60 s, AWS ALB 60 s):
+    # else the server may close one just as a client sends on it (a request lost to the race)
+    api_keep_alive_s: int = Field(default=75, ge=1)
     max_message_bytes: int = 32 * 1024
     max_history_bytes: int = 512 * 1024  # the text of a request's own `messages`, in all
     # a request body over this is refused 413 before it is read (api/guard.py)
