@@ -74,10 +74,9 @@ def cluster_stack() -> ClusterStack:
 @pytest.fixture(scope="session")
 def cluster_redis(cluster_stack: ClusterStack, real_services: Services) -> dict[str, object]:
     """The Redis of chatpipe's processes on the cluster stack (their REDIS_* settings): the
-    single-node Redis of the test run (REDIS_URL), so that these tests show Kafka's faults
-    alone. On the stack's Redis Cluster (REDIS_CLUSTER, which the processes speak) it is one
-    line: `return {"redis_url": cluster_stack.env["REDIS_URL"], "redis_cluster": True}`."""
-    return {"redis_url": real_services.redis_url, "redis_cluster": False}
+    stack's Redis Cluster, as a deployment across machines runs it (issue 13: the broker faults
+    are shown with every process on the cluster stack)."""
+    return {"redis_url": cluster_stack.env["REDIS_URL"], "redis_cluster": True}
 
 
 @pytest.fixture(scope="module")
