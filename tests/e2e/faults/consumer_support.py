@@ -18,7 +18,7 @@ from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from tests.e2e.records import Event, of_message, terminal
 from tests.support.cluster import ASSIGNED, parse_partitions
-from tests.support.keys import msg_key
+from tests.support.keys import msg_keys
 from tests.support.procs import Proc
 from tests.support.sse import SSEEvent, SSEStream
 from tests.support.wait import apoll
@@ -46,7 +46,7 @@ async def live_at(
     and `finished` times in `chat:msg:{id}` (the consumer's clock, the same host's)."""
     keys = Keys.from_settings(settings)
     ids = list(message_ids)
-    names = [await msg_key(redis, keys, m) for m in ids]
+    names = [n for n in await msg_keys(redis, keys, ids) if n is not None]
     async with redis.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.hmget(name, ["started", "finished"])
@@ -112,12 +112,14 @@ async def msg_field(
     """One field of each message's `chat:msg:{id}` ("" when it has none)."""
     keys = Keys.from_settings(settings)
     ids = list(message_ids)
-    names = [await msg_key(redis, keys, m) for m in ids]
+    names = await msg_keys(redis, keys, ids)
+    known = [(m, n) for m, n in zip(ids, names, strict=True) if n is not None]
     async with redis.pipeline(transaction=False) as pipe:
-        for name in names:
+        for _, name in known:
             pipe.hget(name, field)
         values = await pipe.execute()
-    return {m: (v.decode() if v is not None else "") for m, v in zip(ids, values, strict=True)}
+    found = {m: v.decode() for (m, _), v in zip(known, values, strict=True) if v is not None}
+    return {m: found.get(m, "") for m in ids}
 
 
 async def states(redis: Redis, settings: Settings, message_ids: Iterable[str]) -> dict[str, str]:
