@@ -409,7 +409,8 @@ async def test_a_lease_takeover_is_counted_by_the_consumer_that_takes_over(
     async with a.stream(message_id) as stream:
         stream.record()
         await stream.wait_for(lambda evs: bool(chunks(evs)), within=10, what="a chunk")
-        owner_id = (await redis.hget(Keys.from_settings(settings).msg(message_id), "owner")) or b""
+        msg = Keys.from_settings(settings).msg(session, message_id)
+        owner_id = (await redis.hget(msg, "owner")) or b""
         owner = cluster.by_instance(owner_id.decode())
         survivors = [p for p in of_kind(cluster, "ai_consumer") if p is not owner]
         async with httpx.AsyncClient(timeout=5) as http:

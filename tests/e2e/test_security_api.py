@@ -396,7 +396,9 @@ async def test_open_streams_per_user_hold_across_two_api_processes(
         body = {"session_id": session, "message": "x", "message_id": f"m-{uuid.uuid4().hex}"}
         direct = await status_of(frank[1], "POST", "/api/chat/stream", json=body)
         assert direct.status_code == 429, direct.text
-        assert not await redis.exists(Keys.from_settings(settings).msg(body["message_id"]))
+        keys = Keys.from_settings(settings)
+        assert not await redis.exists(keys.msg(session, body["message_id"]))
+        assert not await redis.exists(keys.where(body["message_id"]))
     # closing them frees the slots (on whichever instance held them)
     await opens(anonymous[1], urls[0], refused=429)
 
