@@ -616,7 +616,9 @@ class State:
         wait_ms = self.settings.redis_finish_wait_ms
         if not self.cluster or wait_ms <= 0:
             return await script(keys=keys, args=args)
-        node = cast(Any, self.redis).get_node_from_key(keys[0])
+        cluster = cast(Any, self.redis)
+        await cluster.initialize()  # the slot map (a no-op once the client has it)
+        node = cluster.get_node_from_key(keys[0])
         async with self.redis.pipeline(transaction=False) as pipe:
             await script(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", 1, wait_ms, target_nodes=node)
