@@ -13,6 +13,7 @@ from chatpipe.clients import make_admin, make_producer
 from chatpipe.settings import Settings
 from chatpipe.topics import ensure_topics, topic_specs
 from tests.cluster.conftest import ClusterStack
+from tests.support.wait import apoll
 
 pytestmark = pytest.mark.cluster
 
@@ -40,6 +41,12 @@ async def admin(cluster_settings: Settings) -> AsyncIterator[AIOKafkaAdminClient
 async def test_topics_get_three_replicas_two_in_sync_and_survive_a_killed_broker(
     cluster_stack: ClusterStack, cluster_settings: Settings, admin: AIOKafkaAdminClient
 ) -> None:
+    # a broker another test killed may still be registering: the default replication factor
+    # follows the brokers registered (3 when there are 3)
+    async def three_brokers() -> bool | None:
+        return True if len((await admin.describe_cluster())["brokers"]) == 3 else None
+
+    await apoll("3 Kafka brokers registered", three_brokers, within=120, interval=0.5)
     report = await ensure_topics(admin, cluster_settings)
     assert sorted(report.created) == sorted(t.name for t in topic_specs(cluster_settings))
     for topic in await admin.describe_topics(report.created):
