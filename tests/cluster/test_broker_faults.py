@@ -140,7 +140,8 @@ class Users:
                 f"{api.name}: {response.status_code} {response.text}"
             )
             # sleep-ok: the client honours Retry-After before sending again
-            await asyncio.sleep(float(post.retry_after or 1))
+            wait_s = float(post.retry_after or 1)
+            await asyncio.sleep(wait_s)  # sleep-ok: a client honours Retry-After
         else:
             raise AssertionError(
                 f"{chat.message_id}: not accepted in {ATTEMPTS} POSTs: {chat.posts}"
@@ -176,7 +177,8 @@ class Users:
                 self._sending.add(task)
                 n += 1
                 # sleep-ok: pacing the load, nothing to wait on
-                await asyncio.sleep(max(0.0, start + n / RATE - loop.time()))
+                pace_s = max(0.0, start + n / RATE - loop.time())
+                await asyncio.sleep(pace_s)  # sleep-ok: 10 chats a second
             await asyncio.gather(*self._sending)
         finally:  # the test failed meanwhile: no chat goes on sending
             for task in self._sending:
@@ -341,7 +343,7 @@ async def test_a_broker_stopped_for_30_s_costs_no_503_and_no_stream(
                 await asyncio.to_thread(cluster_stack.stop, node)
                 down = loop.time()
                 # sleep-ok: the outage itself lasts OUTAGE_S, chats flowing all along
-                await asyncio.sleep(OUTAGE_S)
+                await asyncio.sleep(OUTAGE_S)  # sleep-ok: the outage lasts this long
                 over.append(True)
                 await arriving
             finally:
