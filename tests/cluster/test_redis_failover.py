@@ -36,7 +36,7 @@ import contextlib
 import itertools
 import statistics
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -56,7 +56,7 @@ from chatpipe.keys import Keys, cancel_record_key
 from chatpipe.schemas import ChatCancel, ChatRequest
 from chatpipe.settings import Settings
 from tests.cluster.brokers import admin_client
-from tests.cluster.conftest import ClusterStack
+from tests.cluster.conftest import ClusterStack, api_clients
 from tests.conftest import namespace
 from tests.e2e.conftest import DEFAULT_ENV, Api, run_async
 from tests.e2e.faults.consumer_support import (
@@ -310,23 +310,6 @@ def pick_sessions(keys: Keys, victim_buckets: set[int]) -> Iterator[tuple[str, b
             yield session, False
 
 
-@contextlib.asynccontextmanager
-async def api_clients(cluster: Cluster) -> AsyncIterator[list[Api]]:
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
-    timeout = httpx.Timeout(15.0, read=60.0)
-    async with contextlib.AsyncExitStack() as stack:
-        yield [
-            Api(
-                p.name,
-                p.url,
-                await stack.enter_async_context(
-                    httpx.AsyncClient(base_url=p.url, limits=limits, timeout=timeout)
-                ),
-            )
-            for p in cluster.api_procs
-        ]
-
-
 async def send_chat(chat: Chat, within: float = 30.0) -> None:
     """POST /api/chat as a client would: a 503 (Kafka away: another module may be taking a
     broker down) is sent again with the same message_id after its Retry-After."""
@@ -446,7 +429,9 @@ async def test_kill_9_of_a_redis_primary_during_60_streams(
     timeline: dict[str, float] = {}
 
     try:
-        async with api_clients(cluster) as apis:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+        timeout = httpx.Timeout(15.0, read=60.0)
+        async with api_clients(cluster, limits, timeout) as apis:
             chats: list[Chat] = []
             for i, (session, on_victim) in enumerate(pick_sessions(keys, victim_buckets)):
                 chats.append(
