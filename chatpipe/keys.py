@@ -86,7 +86,7 @@ class Keys:
         return f"{self.prefix}chat:{{{bucket}}}:"
 
     def _of(self, session_id: str) -> str:
-        return f"{self.prefix}chat:{{{bucket_of(session_id, self.buckets)}}}:"
+        return self.tagged(self.bucket(session_id))
 
     def active(self, session_id: str) -> str:
         """message_id streaming now for a session (the seed's key, tagged)."""
