@@ -299,19 +299,26 @@ class ChatService:
         record = ChatSessionCancel(session_id=session_id, user_id=user_id)
         if before is not None:
             record.requested_at = before
+        cancelled: list[str] = []
+        ended: list[str] = []
+
+        async def stop(message_ids: list[str]) -> list[str]:
+            stopped: list[str] = []
+            for message_id in message_ids:
+                answer = await self.cancel(
+                    CancelBody(session_id=session_id, message_id=message_id), caller, source
+                )
+                (stopped if answer == "cancelled" else ended).append(message_id)
+            cancelled.extend(stopped)
+            return stopped
+
         until = rfc3339(record.requested_at)
         await self._bounded(
             "redis",
-            self.state.cancel_session_before(session_id, until, user_id, self._enforce(caller)),
+            self.state.stop_session(
+                session_id, until, user_id, self._enforce(caller), source, flag=stop
+            ),
         )
-        open_ = await self._bounded("redis", self.state.open_messages(session_id, until))
-        cancelled: list[str] = []
-        ended: list[str] = []
-        for message_id, _ in open_:
-            answer = await self.cancel(
-                CancelBody(session_id=session_id, message_id=message_id), caller, source
-            )
-            (cancelled if answer == "cancelled" else ended).append(message_id)
         await self._publish_cancel(
             record, session_cancel_record_key(session_id), {"session_id": session_id}
         )

@@ -12,7 +12,7 @@ one script each, so every message reaches exactly one final state:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -29,6 +29,9 @@ from chatpipe.scripts import Script, load_script, register
 from chatpipe.settings import Settings
 
 OBSERVES_QUEUED = 2  # commands State.observe queues: the message's `where`, then OBSERVE
+Flag = Callable[[list[str]], Awaitable[list[str]]]
+"""Flags the given message ids of a session-wide cancel; returns those it stopped."""
+
 log = logging.getLogger(__name__)
 FINAL_STATES = frozenset({"completed", "cancelled", "failed"})
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -267,22 +270,35 @@ class State:
         user_id: str | None,
         enforce: bool,
         source: str = "session",
+        flag: Flag | None = None,
     ) -> list[str] | None:
-        """A session-wide cancel read from Kafka (or a request's `if_busy: interrupt`): every
-        message of the session created before `before` is cancelled, the open ones flagged
-        (each as a cancel record would: their streams stop at the next chunk), the others when
-        a consumer claims them. Returns the ids flagged, or None when `enforce` and the session
-        is another user's (nothing changed)."""
+        """A session-wide cancel (a `chat.session_cancel` record, `POST
+        /api/sessions/{id}/cancel`, `if_busy: interrupt`): every message of the session created
+        before `before` is cancelled, the open ones flagged (each as a cancel record would:
+        their streams stop at the next chunk), the others when a consumer claims them.
+
+        The open ones are flagged before the session's mark, so one a consumer claims while
+        this runs is counted with `source`, and again after it, so none claimed between the
+        first listing and the mark escapes. `flag` flags a list of ids and returns those it
+        stopped (default: each flag as a cancel record's, in one pipeline). Returns the ids
+        stopped, or None when `enforce` and the session is another user's (nothing changed:
+        the flags enforce the same ownership)."""
+        stop = flag or (lambda ids: self._flag_all(session_id, ids, user_id, source))
+        first = [m for m, _ in await self.open_messages(session_id, before)]
+        stopped = await stop(first) if first else []
         if not await self.cancel_session_before(session_id, before, user_id, enforce):
             return None
-        open_ = await self.open_messages(session_id, before)
-        if not open_:
-            return []
+        later = [m for m, _ in await self.open_messages(session_id, before) if m not in first]
+        return stopped + (await stop(later) if later else [])
+
+    async def _flag_all(
+        self, session_id: str, message_ids: list[str], user_id: str | None, source: str
+    ) -> list[str]:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for message_id, _ in open_:
+            for message_id in message_ids:
                 await self.mirror_cancel(pipe, session_id, message_id, user_id, source)
             results = await pipe.execute()
-        return [m for (m, _), r in zip(open_, results, strict=True) if int(r) > 0]
+        return [m for m, r in zip(message_ids, results, strict=True) if int(r) > 0]
 
     async def served(self, session_id: str, message_id: str, instance_id: str) -> None:
         """`instance_id` serves the message's stream to a reader (shown by GET /api/chat/{id})."""

@@ -653,3 +653,30 @@ async def test_who_handled_a_message_is_recorded_without_recreating_a_gone_one(
     assert (fields["served_by"], fields["cancelled_by"], fields["owner"]) == ("api-2", "api-1", A)
     await state.served("s-1", "m-gone", "api-2")  # its state expired: no key without a TTL appears
     assert await redis.exists(state.keys.msg("s-1", "m-gone")) == 0
+
+
+class ClaimedMidStop(State):
+    """A State whose session mark is followed at once by a consumer's claim of `message_id`:
+    the interleaving a busy box produces now and then (CI saw it, counted `session` for an
+    interrupt), made certain."""
+
+    message_id = "m-1"
+
+    async def cancel_session_before(
+        self, session_id: str, before: str, user_id: str | None, enforce: bool
+    ) -> bool:
+        marked = await super().cancel_session_before(session_id, before, user_id, enforce)
+        claim = await self.claim(self.message_id, session_id, "u-1", B, NOW, created=NOW)
+        assert claim.outcome == "cancel", claim
+        return marked
+
+
+async def test_a_stop_counts_its_source_also_for_a_message_claimed_while_it_stops(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    state = ClaimedMidStop(redis, make_settings(**TTLS))
+    await queued(state, "m-1")
+    later = "2024-05-01T10:00:01.000000Z"
+    assert await state.stop_session("s-1", later, None, False, "interrupt") is not None
+    msg = await state.message("s-1", "m-1")
+    assert msg.get("cancel_source") == "interrupt", msg
