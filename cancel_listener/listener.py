@@ -24,6 +24,7 @@ from cancel_listener.sweeper import CancelSweeper, Seen
 from chatpipe.clients import redis_run_ids
 from chatpipe.codec import parse_cancel
 from chatpipe.errors import InvalidRecord
+from chatpipe.keys import unpart
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatCancel, ChatSessionCancel, rfc3339
 from chatpipe.settings import Settings
@@ -195,11 +196,17 @@ class CancelListener:
         self.replayed.set()
 
     async def _live(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        cancels = []
+        cancels: list[Seen] = []
+        undone: list[str] = []  # sessions whose session-wide cancel was tombstoned
         for r in records:
             if r.value is None:
                 if self.sweeper is not None and r.key is not None:
                     self.sweeper.tombstone_seen(r.key)
+                if r.key is not None and b":" not in r.key:  # a session-wide cancel's
+                    # (a deleted session's, or one done: the sweeper's): its mark goes too,
+                    # and so does what came before it in this batch
+                    undone.append(unpart(r.key.decode()))
+                    cancels = [c for c in cancels if c.key != r.key]
                 continue
             if self.on_record is not None and r.key is not None:
                 self.on_record(r.key)
@@ -220,6 +227,8 @@ class CancelListener:
             on_cancel = None if self.settings.ownership_enforced else self.on_cancel
             if on_cancel is not None and isinstance(cancel, ChatCancel):
                 on_cancel(cancel)  # at once; with ownership enforced, after the check
+        if undone:
+            await self.state.forget_session_cancels(undone)
         allowed = await self._mirror_live(cancels)
         if self.on_cancel is not None and self.settings.ownership_enforced:
             for cancel in allowed:

@@ -417,6 +417,11 @@ class State:
             found = await pipe.execute()
         return int(found[0])
 
+    async def forget_session_cancels(self, session_ids: Sequence[str]) -> None:
+        """Drop the session-wide cancel marks of `session_ids` (their records were tombstoned:
+        the session was deleted, or the cancel is done)."""
+        await self.redis.delete(*(self.keys.session_cancelled(s) for s in session_ids))
+
     async def save_response(self, session_id: str, message_id: str, meta: bytes) -> None:
         """Keep what an OpenAI response was asked, as long as the session's history."""
         key = self.keys.response(session_id, message_id)

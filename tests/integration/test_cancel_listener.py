@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,9 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from cancel_listener.listener import CancelListener
 from cancel_listener.sweeper import Seen
 from chatpipe.clients import make_consumer, make_producer, make_redis
-from chatpipe.keys import cancel_record_key, split_record_key
+from chatpipe.keys import cancel_record_key, session_cancel_record_key, split_record_key
 from chatpipe.metrics import Metrics
-from chatpipe.schemas import ChatCancel
+from chatpipe.schemas import ChatCancel, ChatSessionCancel
 from chatpipe.settings import Settings
 from chatpipe.state import State
 
@@ -74,7 +75,7 @@ async def running_listener(
 
     async def spy(seen: list[Seen], source: str) -> list[ChatCancel]:
         allowed = await original(seen, source)
-        done.put_nowait((source, [s.cancel.message_id for s in seen]))
+        done.put_nowait((source, [getattr(s.cancel, "message_id", "") for s in seen]))
         return allowed
 
     listener._mirror = spy  # type: ignore[method-assign]
@@ -205,6 +206,29 @@ async def test_live_cancel_reaches_on_cancel_and_sets_the_flag(
         # (which the api answers "cancelled", docs/contract.md)
         assert await state.cancel("s-1", "m-1") == "repeated"
         assert not task.done()
+
+
+async def test_a_session_cancel_undone_by_its_tombstone_leaves_no_mark(
+    conf: Settings, redis: Redis, state: State, producer: AIOKafkaProducer
+) -> None:
+    """`DELETE /api/sessions/{id}` publishes the stop's chat.session_cancel record, removes
+    every key of the session, then tombstones the record. A listener that reads both only
+    after the removal must not leave the session's cancel mark behind (for an hour)."""
+    topic = conf.cancels_topic
+    key = session_cancel_record_key("s-del").encode()
+    partitions = sorted(await producer.partitions_for(topic))
+    partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    seen: list[ChatCancel] = []
+    async with running_listener(conf, redis, state, seen) as (listener, done, _):
+        async with asyncio.timeout(TIMEOUT):
+            await listener.replayed.wait()
+        record = ChatSessionCancel(session_id="s-del").to_json()
+        await producer.send_and_wait(topic, record, key=key, partition=partition)
+        await producer.send_and_wait(topic, None, key=key, partition=partition)
+        # read after both, in the same partition: the listener has applied them
+        await cancel(producer, topic, "s-other", "m-after", partition=partition)
+        await wait_mirrored(done, "m-after")
+    assert await redis.exists(state.keys.session_cancelled("s-del")) == 0
 
 
 async def test_garbage_records_are_skipped_and_the_listener_goes_on(
