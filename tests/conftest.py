@@ -19,6 +19,20 @@ from chatpipe.topics import ensure_topics, topic_specs
 from tests.support.services import HOW, Services, services
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`-n 2 --dist loadgroup`), a module's tests run on one worker (its
+    module-scoped processes and topics are started once), and tests/cluster's all on one: they
+    stop and kill nodes of the one cluster stack, so none may run beside another."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            path = item.nodeid.split("::", 1)[0]
+            group = "cluster" if path.startswith("tests/cluster/") else path
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def real_services() -> Iterator[Services]:
     with services() as found:

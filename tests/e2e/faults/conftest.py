@@ -1,9 +1,8 @@
-"""Fault-injection tests (issue 4): each module runs on a Kafka + Redis of its own.
-
-`real_services` is overridden with module scope to point at a private stack
-(tests/support/private_stack.py), so every fixture of tests/conftest.py and tests/e2e/conftest.py
-(`settings`, `redis`, `cluster`, `apis`, ...) talks to it, and a test may stop the broker or
-restart Redis (`private`) without disturbing the rest of the run.
+"""Fault-injection tests (issue 4). Faults in chatpipe's own processes (kill -9, SIGSTOP,
+SIGTERM, a rebalance, a slow client, poison records) run on the shared stack, each module in
+its own namespace. A module that stops the broker, restarts Redis or kills every Redis
+connection runs on a Kafka + Redis of its own (`private`, used through
+tests/e2e/faults/own_stack.py).
 """
 
 from __future__ import annotations
@@ -13,16 +12,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.private_stack import PrivateStack, private_stack
-from tests.support.services import Services
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateStack]:
-    """The module's own stack (started; wiped after the module)."""
+    """The fault modules' own stack (started on first use; wiped at the end of the session);
+    its Redis restarts empty (`restart_redis`)."""
     with private_stack(tmp_path_factory.mktemp("stack")) as stack:
         yield stack
-
-
-@pytest.fixture(scope="module")
-def real_services(private: PrivateStack) -> Services:
-    return private.services

@@ -21,18 +21,19 @@ from chatpipe.history import Turn, prompt
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
 from tests.e2e.conftest import DEFAULT_ENV, Api
+from tests.e2e.faults.own_stack import OWN_STACK, real_services  # noqa: F401
 from tests.support.cluster import Cluster, new_session
 from tests.support.private_stack import PrivateStack, private_stack
 from tests.support.sse import SSEEvent, chunks, dones
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, OWN_STACK]
 
 TOKENS = 5
 
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateStack]:
-    """The module's own stack, its Redis with AOF persistence."""
+    """This module's own stack, its Redis with AOF persistence (the shared one restarts empty)."""
     with private_stack(tmp_path_factory.mktemp("stack"), {"REDIS_APPENDONLY": "yes"}) as stack:
         yield stack
 

@@ -32,6 +32,7 @@ from aiokafka.partitioner import murmur2
 from chatpipe.settings import Settings
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import recorded
+from tests.e2e.faults.own_stack import OWN_STACK, real_services  # noqa: F401
 from tests.e2e.records import of_message, read_responses, terminal
 from tests.interop.stack import read_topic
 from tests.support.cluster import Cluster, new_session
@@ -39,7 +40,7 @@ from tests.support.private_stack import PrivateStack
 from tests.support.sse import chunks, dones
 from tests.support.wait import apoll
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, OWN_STACK]
 
 TIMEOUT_S = 2.0
 OUTAGE_S = 10.0

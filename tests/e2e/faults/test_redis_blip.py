@@ -17,11 +17,12 @@ from redis.asyncio import Redis
 from chatpipe.settings import Settings
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.e2e.faults.consumer_support import recorded
+from tests.e2e.faults.own_stack import OWN_STACK, real_services  # noqa: F401
 from tests.e2e.records import of_message, read_responses, terminal
 from tests.support.cluster import Cluster, new_session
 from tests.support.sse import chunks, dones
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, OWN_STACK]
 
 TOKENS = 30
 STREAMS = 8

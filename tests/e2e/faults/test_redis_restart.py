@@ -21,13 +21,14 @@ from chatpipe.clients import make_redis
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
+from tests.e2e.faults.own_stack import OWN_STACK, real_services  # noqa: F401
 from tests.e2e.records import of_message, read_responses, terminal
 from tests.support.cluster import Cluster, new_session
 from tests.support.private_stack import PrivateStack
 from tests.support.sse import SSEError, SSEEvent, chunks, dones
 from tests.support.wait import apoll
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, OWN_STACK]
 
 
 @pytest.fixture(scope="module")
