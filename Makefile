@@ -69,18 +69,23 @@ topics:  ## create the topics (partitions, configs) on the local stack
 dev: install  ## everything, then run api + consumers + cancel listener locally
 	$(STACK_ENV) $(CHATPIPE) dev
 
-test: install stack-up  ## the whole suite against the local stack (which stays up), then test-cluster
+# `make test`: the single-node suite on two pytest-xdist workers (a module's tests on one, its
+# processes started once), then everything on the cluster stack. PYTEST_ARGS: only what it names.
+XDIST ?= -n 2 --dist loadgroup
+test: install stack-up  ## the whole suite: single node (2 workers), then the cluster stack
 	$(STACK_ENV) $(CHATPIPE) topics
-	$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS),$(STACK_ENV) $(PYTHON) -m pytest $(XDIST) --ignore=tests/cluster)
 	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory test-cluster)
 
-# the contract's end-to-end tests again, with every chatpipe process on the cluster stack:
-# 3 Kafka brokers and a Redis Cluster (REDIS_CLUSTER=true), from cluster.sh's last line
-# (and every Redis script of chatpipe/state.py: each one's keys must share a hash slot there)
+# On the cluster stack, one test at a time: tests/cluster (nodes stopped and killed under load),
+# then the contract's end-to-end tests again with every chatpipe process on 3 Kafka brokers
+# and a Redis Cluster (REDIS_CLUSTER=true), from cluster.sh's last line (and every Redis
+# script of chatpipe/state.py: each one's keys must share a hash slot there)
 CLUSTER_TESTS ?= tests/e2e/test_cancel.py tests/e2e/test_stream.py tests/e2e/test_dead_letters.py \
 	tests/e2e/test_bad_input.py tests/e2e/test_sessions.py tests/integration/test_state.py
-test-cluster: cluster-up  ## the contract e2e tests on the cluster stack (3 brokers + Redis Cluster)
-	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(CLUSTER_TESTS) $(PYTEST_ARGS)
+test-cluster: stack-up cluster-up  ## tests/cluster, then the contract e2e tests on the cluster stack
+	$(STACK_ENV) $(PYTHON) -m pytest tests/cluster $(PYTEST_ARGS)
+	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(if $(PYTEST_ARGS),$(PYTEST_ARGS),$(XDIST)) $(CLUSTER_TESTS)
 
 test-unit:  ## unit tests only: no services needed
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
