@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import plots, report
 from bench.run import SYSTEMS, Params, Suite
 
 
@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.text(result))
     print(f"results: {json_path} and {md_path}")
+    if not params.smoke:
+        try:
+            pngs = plots.draw(result, params.out_dir, stem)
+        except ImportError:
+            print("plots: not drawn (matplotlib missing: pip install -e '.[bench]')")
+        else:
+            print("plots: " + " ".join(str(p) for p in pngs))
     if params.smoke:
         failures = report.smoke_failures(result)
         if failures:

@@ -8,7 +8,7 @@
 #                                         kcat chromium chromium-driver nginx-light (the
 #                                         proxy tests), plus a JDK and Maven if java/mvn
 #                                         are missing)
-#   infra/local/install.sh python         pip install -e '.[dev,otel]' from the repo root
+#   infra/local/install.sh python         pip install -e '.[dev,otel,bench]' from the repo root
 #   infra/local/install.sh kafka          Kafka broker jars from Maven Central into the cache
 #   infra/local/install.sh node           the openai npm package of tests/interop/node (npm ci)
 #
@@ -78,9 +78,9 @@ install_python() {
     log "Python package already installed for $("$PYTHON" --version 2>&1) (pyproject.toml unchanged)"
     return 0
   fi
-  log "pip install -e '.[dev,otel]' with $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
+  log "pip install -e '.[dev,otel,bench]' with $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
   (cd "$ROOT" && PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-    "$PYTHON" -m pip install --quiet -e '.[dev,otel]') || die "pip install -e '.[dev,otel]' failed"
+    "$PYTHON" -m pip install --quiet -e '.[dev,otel,bench]') || die "pip install -e '.[dev,otel,bench]' failed"
   mkdir -p "$CACHE_DIR"
   printf '%s\n' "$key" >"$stamp"
   log "Python package installed"
