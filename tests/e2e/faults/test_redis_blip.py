@@ -3,7 +3,7 @@
 A failover, a proxy restart or a network blip resets every client connection to Redis at once;
 the server and its data are still there a moment later. docs/reliability.md promised "a paused
 stream that resumes"; a stream must not end `failed` for it. Real processes (2 api, 1
-ai_consumer, 1 cancel_listener) on a Kafka + Redis of this module's own: every connection of
+ai_consumer, 1 cancel_listener) on the fault tests' private stack (own_stack.py): every connection of
 the cluster's processes is killed (`CLIENT KILL TYPE normal`) twice while eight answers stream;
 each answer then goes on and ends `completed` with every chunk once, on SSE and on
 chat.responses.
