@@ -83,9 +83,9 @@ test: install stack-up  ## the whole suite: single node (2 workers), then the cl
 # script of chatpipe/state.py: each one's keys must share a hash slot there)
 CLUSTER_TESTS ?= tests/e2e/test_cancel.py tests/e2e/test_stream.py tests/e2e/test_dead_letters.py \
 	tests/e2e/test_bad_input.py tests/e2e/test_sessions.py tests/integration/test_state.py
-test-cluster: stack-up cluster-up  ## tests/cluster, then the contract e2e tests on the cluster stack
+test-cluster: stack-up cluster-up  ## tests/cluster, then the contract e2e tests on the cluster stack (one worker: the cluster's processes fill both cores)
 	$(STACK_ENV) $(PYTHON) -m pytest tests/cluster $(PYTEST_ARGS)
-	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(if $(PYTEST_ARGS),$(PYTEST_ARGS),$(XDIST)) $(CLUSTER_TESTS)
+	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(CLUSTER_TESTS) $(PYTEST_ARGS)
 
 test-unit:  ## unit tests only: no services needed
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)

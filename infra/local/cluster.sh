@@ -225,10 +225,21 @@ print_env() {
     "$(bootstrap)" "$HOST" "$REDIS_BASE"
 }
 
+# One `start` at a time per cluster folder: a second one (CI starts the stack in the
+# background, `make test-cluster` asks for it again) waits for the first, then finds it up.
+start_locked() {
+  mkdir -p "$DIR"
+  exec 9>"${DIR}/.start.lock"
+  if command -v flock >/dev/null 2>&1; then
+    flock -w $((STACK_TIMEOUT * 4)) 9 || { echo "another cluster.sh start is busy with ${DIR}" >&2; exit 1; }
+  fi
+  start
+}
+
 main() {
   local cmd="${1:-}" node
   case "$cmd" in
-    start) start ;;
+    start) start_locked ;;
     stop) for node in $(all_nodes); do stop_node "$node"; done ;;
     status) status ;;
     wipe) for node in $(all_nodes); do stop_node "$node"; done; rm -rf "$DIR"; log "removed ${DIR}" ;;
