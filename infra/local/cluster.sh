@@ -234,6 +234,9 @@ start_locked() {
     flock -w $((STACK_TIMEOUT * 4)) 9 || { echo "another cluster.sh start is busy with ${DIR}" >&2; exit 1; }
   fi
   start
+  # the nodes started inherit the descriptor: unlock it for all of them, then close ours
+  if command -v flock >/dev/null 2>&1; then flock -u 9; fi
+  exec 9>&-
 }
 
 main() {
