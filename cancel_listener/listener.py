@@ -24,7 +24,7 @@ from cancel_listener.sweeper import CancelSweeper, Seen
 from chatpipe.clients import redis_run_ids
 from chatpipe.codec import parse_cancel
 from chatpipe.errors import InvalidRecord
-from chatpipe.keys import unpart
+from chatpipe.keys import split_session_cancel_key
 from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatCancel, ChatSessionCancel, rfc3339
 from chatpipe.settings import Settings
@@ -202,10 +202,11 @@ class CancelListener:
             if r.value is None:
                 if self.sweeper is not None and r.key is not None:
                     self.sweeper.tombstone_seen(r.key)
-                if r.key is not None and b":" not in r.key:  # a session-wide cancel's
-                    # (a deleted session's, or one done: the sweeper's): its mark goes too,
-                    # and so does what came before it in this batch
-                    undone.append(unpart(r.key.decode()))
+                session = None if r.key is None else split_session_cancel_key(r.key.decode())
+                if session is not None:  # a session-wide cancel's (a deleted session's, or
+                    # one done: the sweeper's): its mark goes too, and so does what came
+                    # before it in this batch
+                    undone.append(session)
                     cancels = [c for c in cancels if c.key != r.key]
                 continue
             if self.on_record is not None and r.key is not None:

@@ -64,6 +64,11 @@ def session_cancel_record_key(session_id: str) -> str:
     return part(session_id)
 
 
+def split_session_cancel_key(key: str) -> str | None:
+    """The session id of a `session_cancel_record_key` (None: a message's cancel key)."""
+    return None if ":" in key else unpart(key)
+
+
 def bucket_of(session_id: str, buckets: int) -> int:
     """The session's bucket: crc32 (zlib's, as java.util.zip.CRC32) of its UTF-8 id, modulo."""
     return zlib.crc32(session_id.encode()) % buckets
