@@ -74,6 +74,7 @@ class Handler:
         self.provider = provider
         self.registry = registry
         self.metrics = metrics
+        self._runs: dict[str, asyncio.Event] = {}  # message id -> set when its run here ends
 
     def _event(
         self, req: ChatRequest, kind: str, seq: int, at: str, **extra: Any
@@ -147,6 +148,26 @@ class Handler:
         return await self._finish(req, None, "failed", reason, seq, traceparent, answer=answer)
 
     async def _handle(self, req: ChatRequest, traceparent: str | None, takeover: bool) -> str:
+        """One run of a message at a time in this process. A message handed over at shutdown
+        comes back twice at once (the takeover scan finds its released lease, the partition
+        redelivers its record) and CLAIM lets an instance re-take its own lease: a second run
+        would restart the answer again. A takeover leaves it to the run here; the record
+        waits for that run to end, then claims (and finds it final, or takes it up if that
+        run stopped without an end)."""
+        while (running := self._runs.get(req.message_id)) is not None:
+            if takeover:
+                return "skipped"
+            await running.wait()
+        ended = self._runs[req.message_id] = asyncio.Event()
+        try:
+            return await self._claim_and_run(req, traceparent, takeover)
+        finally:
+            del self._runs[req.message_id]
+            ended.set()
+
+    async def _claim_and_run(
+        self, req: ChatRequest, traceparent: str | None, takeover: bool
+    ) -> str:
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         # kept in Redis while it runs, for a takeover (a takeover's is there already)
         request = b"" if takeover else req.to_json()
