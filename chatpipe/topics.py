@@ -162,19 +162,22 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> Topic
             ]
         )
         for name, code, *rest in response.topic_errors:
-            if code not in (0, TOPIC_ALREADY_EXISTS):
+            if code == 0:
+                report.created.append(name)
+            elif code != TOPIC_ALREADY_EXISTS:
                 raise TopicDrift(
                     f"{name}: create failed with error {code} {rest[0] if rest else ''}"
                 )
-        # a new topic shows in metadata a moment later (longer right after deletions); a
-        # concurrent creator may have won the race: check it like any existing topic
+        # a new topic shows in metadata a moment later (longer right after deletions). One
+        # that already existed (a concurrent creator won the race, or the broker that answered
+        # did not know it yet: on a cluster, metadata reaches the brokers one by one) is
+        # checked like any existing topic, and reported `ok` when it matches
         names = [s.name for s in missing]
         for _ in range(100):
             actual.update(await _actual(admin, names))
             if all(name in actual for name in names):
                 break
             await asyncio.sleep(0.1)
-        report.created = [s.name for s in missing]
     for spec in specs:
         if spec.name not in actual:
             raise TopicDrift(f"{spec.name}: not visible after create")
