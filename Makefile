@@ -28,7 +28,7 @@ STACK_ENV := KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) REDIS_URL=redis://1
 
 .PHONY: help install stack-up stack-down stack-status stack-logs stack-wipe topics dev \
 	cluster-up cluster-down cluster-status cluster-wipe \
-	test test-cluster test-unit test-security lint format typecheck bench bench-smoke clean
+	test test-single test-cluster test-cluster-faults test-cluster-contract test-unit test-security lint format typecheck bench bench-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -70,22 +70,32 @@ dev: install  ## everything, then run api + consumers + cancel listener locally
 	$(STACK_ENV) $(CHATPIPE) dev
 
 # `make test`: the single-node suite on two pytest-xdist workers (a module's tests on one, its
-# processes started once), then everything on the cluster stack. PYTEST_ARGS: only what it names.
+# processes started once) and, beside it, the contract's e2e tests on the cluster stack (one
+# worker: the two together fill the cores the single-node suite alone left idle while its
+# processes start and wait); then tests/cluster alone. PYTEST_ARGS: only what it names.
 XDIST ?= -n 2 --dist loadgroup
-test: install stack-up  ## the whole suite: single node (2 workers), then the cluster stack
+test: install stack-up  ## the whole suite: single node (2 workers) beside the cluster contract run, then tests/cluster
 	$(STACK_ENV) $(CHATPIPE) topics
-	$(if $(PYTEST_ARGS),$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS),$(STACK_ENV) $(PYTHON) -m pytest $(XDIST) --ignore=tests/cluster)
-	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory test-cluster)
+	$(if $(PYTEST_ARGS),$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS),$(MAKE) --no-print-directory -j2 --output-sync=target test-single test-cluster-contract)
+	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory test-cluster-faults)
+
+test-single: stack-up  ## the single-node suite alone (two workers), without tests/cluster
+	$(STACK_ENV) $(PYTHON) -m pytest $(XDIST) --ignore=tests/cluster
 
 # On the cluster stack, one test at a time: tests/cluster (nodes stopped and killed under load),
-# then the contract's end-to-end tests again with every chatpipe process on 3 Kafka brokers
+# and the contract's end-to-end tests again with every chatpipe process on 3 Kafka brokers
 # and a Redis Cluster (REDIS_CLUSTER=true), from cluster.sh's last line (and every Redis
 # script of chatpipe/state.py: each one's keys must share a hash slot there)
 CLUSTER_TESTS ?= tests/e2e/test_cancel.py tests/e2e/test_stream.py tests/e2e/test_dead_letters.py \
 	tests/e2e/test_bad_input.py tests/e2e/test_sessions.py tests/integration/test_state.py
-test-cluster: stack-up cluster-up  ## tests/cluster, then the contract e2e tests on the cluster stack (one worker: the cluster's processes fill both cores)
+test-cluster: test-cluster-faults test-cluster-contract  ## tests/cluster, then the contract e2e tests on the cluster stack
+
+test-cluster-faults: stack-up cluster-up  ## tests/cluster alone: brokers and Redis nodes stopped and killed under load
 	$(STACK_ENV) $(PYTHON) -m pytest tests/cluster $(PYTEST_ARGS)
-	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(CLUSTER_TESTS) $(PYTEST_ARGS)
+
+# its own --basetemp: it may run beside another pytest session (`make test`)
+test-cluster-contract: cluster-up  ## the contract e2e tests with every process on the cluster stack (one worker)
+	eval "$$(infra/local/cluster.sh env | tail -n 1)" && $(PYTHON) -m pytest $(CLUSTER_TESTS) --basetemp="$${TMPDIR:-/tmp}/chatpipe-cluster-contract" $(PYTEST_ARGS)
 
 test-unit:  ## unit tests only: no services needed
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
