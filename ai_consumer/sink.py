@@ -14,6 +14,12 @@ not produced), and one that waited longer than SINK_CHUNK_MAX_AGE_S is dropped w
 comes, so a terminal event does not wait behind minutes of stale chunks once the broker is
 back. Both are counted (`chatpipe_sink_dropped_records_total{why}`); a Kafka reader sees the
 gap in `seq` and the terminal's `chunks`. Terminal events are never dropped.
+
+With RESPONSES_CHUNK_WINDOW_MS > 0, a message's chunk records within the window leave as one
+record (contract 1.7.0: its first chunk's `seq`, `count`, the deltas joined): one Kafka record
+and one send of the producer instead of one per token. SSE is not affected (every chunk is its
+own Redis entry). A message's started and terminal events close its open record first, so
+they never wait for the window and never overtake a chunk.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka.partitioner import murmur2
@@ -100,15 +106,21 @@ class Sink:
         self._retry_s = settings.sink_redis_retry_s
         # murmur2 of each session key, computed once per message instead of once per chunk
         self._hashes: dict[bytes, int] = {}
+        # a message's chunk records waiting for its window to close (RESPONSES_CHUNK_WINDOW_MS)
+        self._window_s = settings.responses_chunk_window_ms / 1000
+        self._open: dict[str, _Open] = {}
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._run(), name="sink-redis"),
             asyncio.create_task(self._run_kafka(), name="sink-kafka"),
         ]
+        if self._window_s > 0:
+            self._tasks.append(asyncio.create_task(self._run_window(), name="sink-window"))
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         """Stop; first give queued Kafka records `flush_timeout` seconds to leave."""
+        self._enqueue([self._close(m) for m in list(self._open)])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(flush_timeout):
                 await self._kafka.join()
@@ -137,7 +149,9 @@ class Sink:
         while True:
             record = _Record(key.encode(), dumps(value), cached_headers(kafka_type, traceparent))
             record.delivered = asyncio.get_running_loop().create_future()
-            self._kafka.put_nowait([record])
+            opened = self._open.get(str(value.get("message_id")))
+            ahead = [self._close(opened.message_id)] if opened is not None else []
+            self._enqueue([*ahead, record])
             try:
                 await record.delivered
                 return
@@ -224,26 +238,70 @@ class Sink:
                 if o.done is not None and not o.done.done():
                     o.done.set_exception(err)
             return
-        records = []
+        records: list[_Record] = []
         checked_at = asyncio.get_running_loop().time()
         for o, answer in zip(batch, results, strict=True):
             answer = int(answer)
-            if answer != LOST:  # its record only once Redis said the run still owns it
-                records.append(
-                    _Record(
-                        o.session_id.encode(),
-                        dumps(o.kafka_value),
-                        cached_headers(o.kafka_type, o.traceparent),
-                        message_id=o.message_id,
-                        epoch=o.epoch,
-                        checked_at=checked_at,
-                        chunk=o.kafka_type == "chat.chunk",
-                    )
-                )
-            else:
+            if answer == LOST:  # its record only once Redis said the run still owns it
                 self.metrics.fenced_writes.inc()
+            elif self._window_s > 0:
+                records.extend(self._windowed(o, checked_at))
+            else:
+                records.append(self._record(o, o.kafka_value, checked_at))
             if o.done is not None and not o.done.done():
                 o.done.set_result(answer)
+        self._enqueue(records)
+
+    def _record(self, o: Outgoing, value: dict[str, Any], checked_at: float) -> _Record:
+        return _Record(
+            o.session_id.encode(),
+            dumps(value),
+            cached_headers(o.kafka_type, o.traceparent),
+            message_id=o.message_id,
+            epoch=o.epoch,
+            checked_at=checked_at,
+            chunk=o.kafka_type == "chat.chunk",
+        )
+
+    def _windowed(self, o: Outgoing, checked_at: float) -> list[_Record]:
+        """The records to send now for `o`: a chunk joins its message's open record (none to
+        send, unless an earlier run's record of the message was still open); any other event
+        sends the open record first, then its own."""
+        opened = self._open.get(o.message_id)
+        out = []
+        if opened is not None and (o.kafka_type != "chat.chunk" or opened.epoch != o.epoch):
+            out.append(self._close(o.message_id))
+            opened = None
+        if o.kafka_type != "chat.chunk":
+            out.append(self._record(o, o.kafka_value, checked_at))
+        elif opened is None:
+            self._open[o.message_id] = _Open(o, checked_at, checked_at + self._window_s)
+        else:
+            opened.deltas.append(str(o.kafka_value.get("delta", "")))
+        return out
+
+    def _close(self, message_id: str) -> _Record:
+        """The one record of `message_id`'s open chunks (taken out of the window)."""
+        opened = self._open.pop(message_id)
+        first = opened.first
+        value = first.kafka_value
+        if len(opened.deltas) > 1:
+            value = {**value, "delta": "".join(opened.deltas), "count": len(opened.deltas)}
+        return self._record(first, value, opened.checked_at)
+
+    async def _run_window(self) -> None:
+        """Close the records whose window passed, every half window."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._window_s / 2)
+            now = loop.time()
+            due = [m for m, opened in self._open.items() if opened.deadline <= now]
+            if due:
+                self._enqueue([self._close(m) for m in due])
+
+    def _enqueue(self, records: list[_Record]) -> None:
+        """Queue `records` for Kafka as one item, in order; the newest chunk records beyond
+        SINK_KAFKA_MAX_PENDING are not produced (terminal events always are)."""
         chunks = sum(1 for r in records if r.chunk)
         room = max(self._max_queued - self._queued, 0)
         if chunks > room:  # the newest chunks beyond the bound are not produced
@@ -367,3 +425,24 @@ class _Record:
             self.delivered.set_exception(fut.exception())  # type: ignore[arg-type]
         else:
             self.delivered.set_result(None)
+
+
+@dataclass(slots=True)
+class _Open:
+    """A message's chunk records in the window: `first` and the deltas after it."""
+
+    first: Outgoing
+    checked_at: float  # the first one's Redis check (the oldest: stale checks go by it)
+    deadline: float
+    deltas: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.deltas.append(str(self.first.kafka_value.get("delta", "")))
+
+    @property
+    def message_id(self) -> str:
+        return self.first.message_id
+
+    @property
+    def epoch(self) -> str:
+        return self.first.epoch

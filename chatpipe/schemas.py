@@ -214,6 +214,15 @@ class ChatStarted(ResponseEvent):
 class ChatChunk(ResponseEvent):
     type: Literal["chat.chunk"] = "chat.chunk"
     delta: str
+    count: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "since 1.7.0: the record carries this many chunks (`seq` is the first one's, the "
+            "next record's `seq` is `seq + count`; `delta` is their text joined); absent: one. "
+            "Only with RESPONSES_CHUNK_WINDOW_MS > 0"
+        ),
+    )
 
 
 class ChatCompleted(ResponseEvent):

@@ -206,6 +206,11 @@ class Settings(BaseSettings):
     sink_kafka_max_pending: int = 100_000
     sink_chunk_max_age_s: float = 30.0
     sink_tick_ms: float = 5.0
+    # chat.responses: the chunk records of one message within this many ms leave as one
+    # record (its first `seq`, `count` chunks, their deltas joined; contract 1.7.0); terminal
+    # and started events flush the message's open record first and never wait. 0 (the
+    # default): one record per chunk, as every reader before 1.7.0 expects
+    responses_chunk_window_ms: int = Field(default=0, ge=0)
     producer_linger_ms: int = 20
     # a dead letter over this many bytes (or refused by the broker as too large) is written as
     # a reference: source topic/partition/offset and reason, no value (ai_consumer/dlq.py);

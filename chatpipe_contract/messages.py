@@ -40,7 +40,9 @@ KAFKA_BINDING_VERSION = "0.5.0"
 # 1.5.0: `usage.prompt_tokens` on the terminal events; `completion_tokens` is the model's count
 # 1.6.0: Redis key layout 2 (every key of a session carries its bucket's hash tag, for Redis
 #        Cluster; chatpipe.keys); Kafka topics, keys and records unchanged
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.6.0"
+# 1.7.0: `count` on `chat.chunk` (a record carrying several chunks: RESPONSES_CHUNK_WINDOW_MS,
+#        off by default); records unchanged while the window is 0
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.7.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"
@@ -252,7 +254,7 @@ MESSAGES: tuple[Message, ...] = (
         keys.RESPONSES,
         "chatChunk",
         "The next piece of the answer.",
-        "`seq` increases by one per event of a message; `delta` is appended to the answer.",
+        "`seq` increases by one per chunk of a message (by `count` after a record that carries several, since 1.7.0); `delta` is appended to the answer.",
     ),
     Message(
         "chat.completed",

@@ -10,9 +10,17 @@ from collections.abc import AsyncIterator
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
 
+from ai_consumer.handler import Handler
+from ai_consumer.llm.factory import make_provider
+from ai_consumer.registry import Registry
+from ai_consumer.sink import Sink
+from ai_consumer.tombstones import Tombstones
 from chatpipe.clients import make_admin, make_producer
+from chatpipe.metrics import Metrics
 from chatpipe.settings import Settings
+from chatpipe.state import State
 from chatpipe.topics import topic_specs
 
 
@@ -52,3 +60,28 @@ async def producer(topics: Settings) -> AsyncIterator[AIOKafkaProducer]:
         yield p
     finally:
         await p.stop()
+
+
+@pytest.fixture
+async def handler(topics: Settings, redis: Redis) -> AsyncIterator[Handler]:
+    """The ai_consumer's handler as its service builds it (the simulated model), on this
+    test's topics and keys."""
+    producer = make_producer(topics)
+    await producer.start()
+    provider = make_provider(topics)
+    state = State(redis, topics)
+    metrics = Metrics()
+    sink = Sink(redis, state, producer, topics, metrics)
+    sink.start()
+
+    async def send_tombstone(key: bytes) -> object:
+        return await producer.send(topics.cancels_topic, None, key=key)
+
+    tombstones = Tombstones(send_tombstone)
+    try:
+        yield Handler(topics, state, sink, tombstones, provider, Registry(), metrics)
+    finally:
+        await tombstones.close()
+        await sink.stop()
+        await provider.aclose()
+        await producer.stop()

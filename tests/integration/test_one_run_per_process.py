@@ -11,19 +11,12 @@ tests/e2e/faults/test_consumer_shutdown.py). Real Redis and Kafka; the simulated
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from ai_consumer.handler import Handler
-from ai_consumer.llm.factory import make_provider
-from ai_consumer.registry import Registry
-from ai_consumer.sink import Sink
-from ai_consumer.tombstones import Tombstones
-from chatpipe.clients import make_producer
 from chatpipe.entries import event_of
-from chatpipe.metrics import Metrics
 from chatpipe.schemas import ChatRequest
 from chatpipe.settings import Settings
 from chatpipe.state import State
@@ -35,30 +28,6 @@ TOKENS = 20
 @pytest.fixture
 def settings(make_settings: SettingsFactory) -> Settings:
     return make_settings(sim_tokens=TOKENS, sim_token_delay_ms=10, lease_ms=3000)
-
-
-@pytest.fixture
-async def handler(topics: Settings, redis: Redis) -> AsyncIterator[Handler]:
-    """The ai_consumer's handler as its service builds it, on this test's topics."""
-    producer = make_producer(topics)
-    await producer.start()
-    provider = make_provider(topics)
-    state = State(redis, topics)
-    metrics = Metrics()
-    sink = Sink(redis, state, producer, topics, metrics)
-    sink.start()
-
-    async def send_tombstone(key: bytes) -> object:
-        return await producer.send(topics.cancels_topic, None, key=key)
-
-    tombstones = Tombstones(send_tombstone)
-    try:
-        yield Handler(topics, state, sink, tombstones, provider, Registry(), metrics)
-    finally:
-        await tombstones.close()
-        await sink.stop()
-        await provider.aclose()
-        await producer.stop()
 
 
 async def handed_over(state: State, req: ChatRequest) -> None:
