@@ -76,7 +76,7 @@ dev: install  ## everything, then run api + consumers + cancel listener locally
 XDIST ?= -n 2 --dist loadgroup
 test: install stack-up  ## the whole suite: single node (2 workers) beside the cluster contract run, then tests/cluster
 	$(STACK_ENV) $(CHATPIPE) topics
-	$(if $(PYTEST_ARGS),$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS),$(MAKE) --no-print-directory -j2 --output-sync=target test-single test-cluster-contract)
+	$(if $(PYTEST_ARGS),$(STACK_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS),infra/local/beside.sh '$(MAKE) --no-print-directory test-cluster-contract' $(MAKE) --no-print-directory test-single)
 	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory test-cluster-faults)
 
 test-single: stack-up  ## the single-node suite alone (two workers), without tests/cluster
