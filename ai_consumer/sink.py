@@ -149,9 +149,7 @@ class Sink:
         while True:
             record = _Record(key.encode(), dumps(value), cached_headers(kafka_type, traceparent))
             record.delivered = asyncio.get_running_loop().create_future()
-            opened = self._open.get(str(value.get("message_id")))
-            ahead = [self._close(opened.message_id)] if opened is not None else []
-            self._enqueue([*ahead, record])
+            self._enqueue([*self._close_open(str(value.get("message_id"))), record])
             try:
                 await record.delivered
                 return
@@ -267,18 +265,20 @@ class Sink:
         """The records to send now for `o`: a chunk joins its message's open record (none to
         send, unless an earlier run's record of the message was still open); any other event
         sends the open record first, then its own."""
-        opened = self._open.get(o.message_id)
-        out = []
-        if opened is not None and (o.kafka_type != "chat.chunk" or opened.epoch != o.epoch):
-            out.append(self._close(o.message_id))
-            opened = None
         if o.kafka_type != "chat.chunk":
-            out.append(self._record(o, o.kafka_value, checked_at))
-        elif opened is None:
-            self._open[o.message_id] = _Open(o, checked_at, checked_at + self._window_s)
-        else:
+            return [*self._close_open(o.message_id), self._record(o, o.kafka_value, checked_at)]
+        opened = self._open.get(o.message_id)
+        if opened is not None and opened.epoch == o.epoch:
             opened.deltas.append(str(o.kafka_value.get("delta", "")))
+            return []
+        out = self._close_open(o.message_id)
+        self._open[o.message_id] = _Open(o, checked_at, checked_at + self._window_s)
         return out
+
+    def _close_open(self, message_id: str) -> list[_Record]:
+        """`message_id`'s open record, closed (none when it has none): what must leave before
+        any other event of the message."""
+        return [self._close(message_id)] if message_id in self._open else []
 
     def _close(self, message_id: str) -> _Record:
         """The one record of `message_id`'s open chunks (taken out of the window)."""
