@@ -247,7 +247,7 @@ start_locked() {
 }
 
 main() {
-  local cmd="${1:-}" node
+  local cmd="${1:-}"
   case "$cmd" in
     start) start_locked ;;
     stop) stop_all ;;
