@@ -32,7 +32,6 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import murmur2
 
 from ai_consumer.llm.simulated import simulated_tokens
 from chatpipe.schemas import ChatRequest
@@ -50,6 +49,7 @@ from tests.e2e.conftest import DEFAULT_ENV, Api
 from tests.e2e.faults.consumer_support import kafka_checks, kinds, sse_checks
 from tests.e2e.records import read_responses, terminal
 from tests.support.cluster import Cluster, new_session
+from tests.support.partitions import partition_of
 from tests.support.sse import SSEEvent, SSEStream, chunks
 from tests.support.wait import apoll
 
@@ -214,12 +214,6 @@ def largest_gap(events: list[SSEEvent]) -> float:
     """The longest wait between two chunks of one answer (or before its `done`)."""
     times = [e.received for e in events if e.event in ("chunk", "done")]
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
-
-
-def partition_of(session: str, settings: Settings) -> int:
-    """The chat.requests partition of a session: the default partitioner on the record key."""
-    hashed: int = murmur2(session.encode())
-    return (hashed & 0x7FFFFFFF) % settings.topic_partitions
 
 
 def answer(tokens: int) -> str:
@@ -424,8 +418,10 @@ async def test_kill_9_of_the_busiest_broker_loses_no_chat_and_ends_each_once(
     # the chats of every partition wait until the dead broker is fenced and leaves the ISRs,
     # not only those of the partitions it led.
     during = [(c, p) for c in crowd.chats for p in c.posts if 0 <= p.sent - killed[0] <= election]
-    its = [p.took for c, p in during if partition_of(c.session, settings) in led]
-    others = [p.took for c, p in during if partition_of(c.session, settings) not in led]
+    its = [p.took for c, p in during if partition_of(c.session, settings.topic_partitions) in led]
+    others = [
+        p.took for c, p in during if partition_of(c.session, settings.topic_partitions) not in led
+    ]
     before = [p.took for c in crowd.chats for p in c.posts if calm <= p.sent < killed[0]]
     refused = [p for c in crowd.chats for p in c.posts if p.status == 503]
     print(

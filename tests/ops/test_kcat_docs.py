@@ -27,6 +27,7 @@ from chatpipe.clients import make_consumer
 from chatpipe.keys import Keys
 from chatpipe.settings import Settings
 from tests.providers.procs import Proc, msg_starts, start, start_api, start_consumer, stopping
+from tests.support.partitions import partition_of
 from tests.support.wait import apoll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,13 +132,6 @@ class Ops:
 
 def new_id(kind: str) -> str:
     return f"ops-{kind}-{uuid.uuid4().hex[:10]}"
-
-
-def partition_of(settings: Settings, key: str) -> int:
-    """What chatpipe's producers choose (aiokafka's default partitioner, murmur2)."""
-    from aiokafka.partitioner import murmur2
-
-    return int((murmur2(key.encode()) & 0x7FFFFFFF) % settings.topic_partitions)
 
 
 async def read_until(
@@ -268,7 +262,9 @@ async def test_cancels_read_back_with_keys_and_tombstones_and_flag_redis(
         "type": "chat.cancel",
         **live,
     }
-    assert partition == partition_of(topics, live_key)  # where the api would have put it
+    assert partition == partition_of(
+        live_key, topics.topic_partitions
+    )  # where the api would have put it
     (first, p1), (second, p2) = by_key[gone_key]
     assert orjson.loads(first)["message_id"] == gone["message_id"]
     assert second == "NULL"
@@ -336,11 +332,19 @@ async def test_a_request_published_with_kcat_is_answered_and_inspectable(
 ) -> None:
     ops = Ops(topics, tmp_path)
     a = {"session_id": new_id("s"), "message_id": new_id("m")}
-    part = partition_of(topics, a["session_id"])
+    part = partition_of(a["session_id"], topics.topic_partitions)
     # another session on the same partition, and one on another partition
-    same = next(s for s in (new_id("s") for _ in range(10_000)) if partition_of(topics, s) == part)
+    same = next(
+        s
+        for s in (new_id("s") for _ in range(10_000))
+        if partition_of(s, topics.topic_partitions) == part
+    )
     b = {"session_id": same, "message_id": new_id("m")}
-    other = next(s for s in (new_id("s") for _ in range(10_000)) if partition_of(topics, s) != part)
+    other = next(
+        s
+        for s in (new_id("s") for _ in range(10_000))
+        if partition_of(s, topics.topic_partitions) != part
+    )
     c = {"session_id": other, "message_id": new_id("m")}
 
     consumer = await start_consumer(topics, tmp_path, "ai-1", **FAST)

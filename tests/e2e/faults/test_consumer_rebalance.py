@@ -17,7 +17,6 @@ import contextlib
 import signal
 
 import pytest
-from aiokafka.partitioner import murmur2
 from redis.asyncio import Redis
 
 from ai_consumer.llm.simulated import simulated_tokens
@@ -38,7 +37,9 @@ from tests.e2e.faults.consumer_support import (
 )
 from tests.e2e.records import read_responses
 from tests.support.cluster import Cluster, new_session
+from tests.support.partitions import partition_of
 from tests.support.sse import chunks
+from tests.support.wait import apoll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -47,11 +48,6 @@ TOKENS = 36
 SHORT = 4
 LONG = 2 * TOKENS  # batch 2's answers that must outlive the leave (below)
 ANSWERED = ChatRequest(message_id="x", session_id="x", message="hello there")
-
-
-def partition_of(session_id: str, partitions: int = 12) -> int:
-    """Where the api's producer puts a session's records (Kafka's default partitioner)."""
-    return int(murmur2(session_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +92,17 @@ async def test_join_and_leave_during_100_streams_answer_each_message_once(
 
         # rebalance 1: a consumer joins while the first 50 answers stream
         before = len(assignments(staying))
-        joining = cluster.spawn("ai_consumer", "ai-joining")  # stopped with the cluster
+        joining = cluster.spawn("ai_consumer", "ai-joining", member=True)
         await wait_assigned(joining, within=30)
         await wait_assigned(staying, after=before, within=30)
         join_at = assignment_times(staying)[before]
+
+        # the three logged their shares of this generation (each logs its own, some time
+        # apart: reading the leaving one's before it logged gave its share before the join)
+        async def settled() -> bool | None:
+            return True if cluster.group_settled() else None
+
+        await apoll("the group settled on 3 members", settled, within=30)
 
         # rebalance 2: one leaves, while answers stream (arranged, not hoped for). SIGTERM: the
         # leaving one stops fetching, finishes its running answers (the first 50's, which end
@@ -109,8 +112,13 @@ async def test_join_and_leave_during_100_streams_answer_each_message_once(
         # 50's requests on the other consumers' partitions get answers twice as long, go first
         # and stream; then SIGTERM; the requests on its partitions are sent meanwhile, so they
         # wait for the rebalance. They get short answers: answered once, after it, is enough.
-        its_share = assignments(leaving)[-1]
-        tokens.update({s: SHORT if partition_of(s) in its_share else LONG for s in batch2})
+        its_share = cluster.assignments()[leaving.name] or set()
+        tokens.update(
+            {
+                s: SHORT if partition_of(s, settings.topic_partitions) in its_share else LONG
+                for s in batch2
+            }
+        )
         first2 = [s for s in batch2 if tokens[s] == LONG]
         then2 = [s for s in batch2 if tokens[s] == SHORT]
         assert then2, f"no request of batch 2 on the leaving consumer's {its_share}"
@@ -148,7 +156,7 @@ async def test_join_and_leave_during_100_streams_answer_each_message_once(
     assert await live_at(redis, settings, ids, join_at) >= 10, f"join at {join_at}"
     assert await live_at(redis, settings, ids, leave_at) >= 10, f"leave at {leave_at}"
     assert leaving.find(lambda r: str(r.get("msg", "")).startswith("stopping: "))
-    assert not leaving.find(lambda r: "handed over" in str(r.get("msg", "")))
+    assert not leaving.find(lambda r: "handed over" in str(r.get("msg", ""))), leaving.tail()
     for m in ids:
         evs = events[m]
         sse_checks(m, evs)

@@ -26,11 +26,11 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.partitioner import murmur2
 
 from chatpipe.settings import Settings
 from tests.e2e.conftest import DEFAULT_ENV, Api, ClusterShape
 from tests.support.cluster import Cluster, new_session
+from tests.support.partitions import sessions_on
 from tests.support.sse import chunks, dones
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -50,20 +50,6 @@ def cluster_shape() -> ClusterShape:
 LONG_TOKENS = 100  # 100 ms apart: a 10 s answer
 OTHERS = 4
 FIVE_MB = 5 * 1024 * 1024
-
-
-def partition_of(session_id: str, partitions: int) -> int:
-    """Where chatpipe's producers put a session (aiokafka's default partitioner, murmur2)."""
-    return int((murmur2(session_id.encode()) & 0x7FFFFFFF) % partitions)
-
-
-def sessions_on(partition: int, partitions: int, n: int) -> list[str]:
-    found: list[str] = []
-    while len(found) < n:
-        session = new_session()
-        if partition_of(session, partitions) == partition:
-            found.append(session)
-    return found
 
 
 async def first_chunk_after(api: Api, session: str) -> float:
