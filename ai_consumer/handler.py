@@ -29,6 +29,8 @@ from chatpipe.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
+LEFT = "left"  # what `handle` returns for a message left to the instance streaming it
+
 
 def _now() -> str:
     return now_rfc3339()  # rfc3339(utcnow()), formatted once per second
@@ -75,6 +77,13 @@ class Handler:
         self.registry = registry
         self.metrics = metrics
         self._runs: dict[str, asyncio.Event] = {}  # message id -> set when its run here ends
+        self._leaving = asyncio.Event()  # shutting down: wait for no other instance's run
+
+    def stop_waiting(self) -> None:
+        """Shutting down: a message another instance streams is left to it (its record stays
+        uncommitted, `handle` returns `LEFT`) instead of waited for until that answer ends.
+        Runs of this process's own go on."""
+        self._leaving.set()
 
     def _event(
         self, req: ChatRequest, kind: str, seq: int, at: str, **extra: Any
@@ -171,6 +180,7 @@ class Handler:
         ids = {"message_id": req.message_id, "session_id": req.session_id}
         # kept in Redis while it runs, for a takeover (a takeover's is there already)
         request = b"" if takeover else req.to_json()
+        waited = False
         while True:
             claim = await self.state.claim(
                 req.message_id,
@@ -194,7 +204,15 @@ class Handler:
                 return "skipped"  # another instance took it over first
             # another live instance streams it (a redelivery after a rebalance): wait until it
             # ends, or until its lease lapses and we take over
-            await asyncio.sleep(self.settings.lease_ms / 2000)
+            if not waited:
+                log.info("streamed by %s; waiting for it to end", claim.detail, extra=ids)
+                waited = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.lease_ms / 2000):
+                    await self._leaving.wait()
+            if self._leaving.is_set():
+                log.info("left to %s: shutting down", claim.detail, extra=ids)
+                return LEFT
 
         stream = self.registry.start(req.message_id, req.session_id)
         stream.epoch = claim.epoch

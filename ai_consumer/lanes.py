@@ -32,7 +32,9 @@ class Work:
     refused: str | None = None  # not to run (if_busy reject met a busy session): why
 
 
-Run = Callable[[Work], Awaitable[None]]
+# True when the work is done with (its offset may be committed); False leaves its record
+# uncommitted, for the partition's next owner (a message left to the instance streaming it)
+Run = Callable[[Work], Awaitable[bool]]
 Finished = Callable[[Work], None]
 
 
@@ -104,7 +106,7 @@ class Lanes:
                     self.running += 1
                     self.peak_running = max(self.peak_running, self.running)
                     try:
-                        await self._run(work)
+                        done = await self._run(work)
                     except asyncio.CancelledError:
                         raise
                     except Exception:
@@ -112,7 +114,8 @@ class Lanes:
                             "handler crashed", extra={"message_id": work.request.message_id}
                         )
                     else:
-                        self._finished(work)
+                        if done:
+                            self._finished(work)
                     finally:
                         self.running -= 1
         finally:

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from ai_consumer.dlq import DeadLetter, DeadLetters
 from ai_consumer.dlq import dead_letter_headers as dead_letter_headers
-from ai_consumer.handler import Handler
+from ai_consumer.handler import LEFT, Handler
 from ai_consumer.lanes import Lanes, Work
 from ai_consumer.offsets import PartitionOffsets
 from ai_consumer.registry import Registry
@@ -116,6 +116,7 @@ class Worker:
         hand the rest over (release our leases; the offsets stay uncommitted, so the group
         redelivers them and the next owner restarts them with a `restart` event)."""
         self.lanes.stop_accepting()
+        self.handler.stop_waiting()  # what another instance streams is not ours to wait for
         running = len(self.registry.running)
         log.info(
             "stopping: %d streams running, grace %.1fs", running, self.settings.shutdown_grace_s
@@ -278,12 +279,16 @@ class Worker:
             self.metrics.paused.set(0)
             log.info("resumed fetching: %d requests in lanes", size)
 
-    async def _run_work(self, work: Work) -> None:
+    async def _run_work(self, work: Work) -> bool:
+        """Run `work` to its end; False when it was left to another instance (at shutdown):
+        its offset stays uncommitted."""
         delay = 0.1
         while True:
             try:
-                await self.handler.handle(work.request, work.traceparent, refused=work.refused)
-                return
+                outcome = await self.handler.handle(
+                    work.request, work.traceparent, refused=work.refused
+                )
+                return outcome != LEFT
             except (RedisError, Retry) as e:
                 if self._stopping.is_set():
                     raise
@@ -311,7 +316,7 @@ class Worker:
                         "session_id": work.request.session_id,
                     },
                 )
-                return
+                return True
 
     def _finished(self, work: Work) -> None:
         offsets = self.offsets.get(work.tp)

@@ -32,10 +32,11 @@ class FakeRun:
         self.started: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.finished: list[str] = []
         self.fail = fail or set()
+        self.left: set[str] = set()  # runs that end without being done (left to another)
         self.running = 0
         self.peak = 0
 
-    async def run(self, w: Work) -> None:
+    async def run(self, w: Work) -> bool:
         m = w.request.message_id
         self.running += 1
         self.peak = max(self.peak, self.running)
@@ -45,6 +46,7 @@ class FakeRun:
             await self.release[m].wait()
             if m in self.fail:
                 raise RuntimeError(f"handler bug on {m}")
+            return m not in self.left
         finally:
             self.running -= 1
             self.log.append(("end", m))
@@ -232,3 +234,19 @@ async def test_new_work_after_a_lane_emptied_starts_a_new_lane() -> None:
     async with asyncio.timeout(TIMEOUT):
         await lanes.wait_idle()
     assert fake.finished == ["a0", "a1"]
+
+
+async def test_a_run_that_is_not_done_leaves_its_offset_unfinished() -> None:
+    """A message left to the instance streaming it (shutdown) is not reported finished: its
+    record stays uncommitted for the partition's next owner; the lane goes on."""
+    fake = FakeRun()
+    fake.left.add("a0")
+    lanes = Lanes(10, fake.run, fake.done)
+    lanes.submit(work("a0", "A", offset=0))
+    lanes.submit(work("a1", "A", offset=1))
+    fake.release["a0"].set()
+    fake.release["a1"].set()
+    async with asyncio.timeout(TIMEOUT):
+        await lanes.wait_idle()
+    assert fake.starts() == ["a0", "a1"]
+    assert fake.finished == ["a1"]

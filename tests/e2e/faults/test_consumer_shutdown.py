@@ -32,6 +32,7 @@ from tests.e2e.faults.consumer_support import (
 )
 from tests.e2e.records import read_responses
 from tests.support.cluster import Cluster, new_session
+from tests.support.partitions import one_session_per_partition
 from tests.support.procs import Proc
 from tests.support.sse import chunks
 from tests.support.wait import apoll
@@ -189,3 +190,56 @@ async def test_sigterm_hands_over_what_outlives_the_grace_period(
             assert mine[-1]["instance_id"] == taker.instance_id, m
         assert set((await states(redis, settings, ids)).values()) == {"completed"}
         await all_committed(settings, within=10)
+
+
+WAITED_TOKENS = 300  # 100 ms apart: 30 s answers, longer than a consumer takes to join
+
+
+def waiting_for(proc: Proc) -> int:
+    """How many messages `proc` found streamed by another instance (and waited for)."""
+    return len(proc.find(lambda r: str(r.get("msg", "")).startswith("streamed by ")))
+
+
+async def test_sigterm_of_a_consumer_that_only_waits_for_another_leaves_at_once(
+    cluster: Cluster, apis: tuple[Api, Api], settings: Settings, redis: Redis
+) -> None:
+    """A consumer that joins while another streams gets those answers' records again (their
+    offsets are not committed until they end) and waits for that instance to end them. It
+    streams nothing itself: SIGTERM must not keep it, and the partitions it holds, until
+    someone else's answers end (or its grace period does)."""
+    with consumers(cluster) as started:
+        first = cluster.spawn("ai_consumer", "wait-1")
+        started.append(first)
+        await wait_assigned(first, EVERY_PARTITION)
+        sessions = one_session_per_partition(settings.topic_partitions)
+        accepted = await asyncio.gather(
+            *(apis[i % 2].chat(s, max_tokens=WAITED_TOKENS) for i, s in enumerate(sessions))
+        )
+        ids = [x["message_id"] for x in accepted]
+        await all_streaming(redis, settings, ids)
+
+        second = cluster.spawn("ai_consumer", "wait-2", {"shutdown_grace_s": 60})
+        started.append(second)
+        share = await wait_assigned(second)
+
+        async def waits_for_its_share() -> bool | None:
+            return True if waiting_for(second) >= len(share) else None
+
+        await apoll(f"{second.name} waiting for {len(share)} answers", waits_for_its_share, 30)
+        second.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(second.terminate, 70)
+        assert code == 0, second.tail()
+        # it left while the answers it waited for still streamed on the first consumer
+        assert set((await states(redis, settings, ids)).values()) == {"streaming"}, second.tail()
+        assert second.find(lambda r: r.get("msg") == "stopping: 0 streams running, grace 60.0s")
+        assert not second.find(lambda r: "handed over" in str(r.get("msg"))), second.tail()
+
+        async with recorded(apis[i % 2].stream(m) for i, m in enumerate(ids)) as streams:
+            await asyncio.gather(*(s.wait_done(within=60) for s in streams))
+            events = {m: s.events for m, s in zip(ids, streams, strict=True)}
+        for m in ids:
+            sse_checks(m, events[m])
+            assert "restart" not in kinds(events[m]), m
+            assert len(chunks(events[m])) == WAITED_TOKENS, m
+            assert events[m][-1].json()["status"] == "completed", m
+        assert set((await states(redis, settings, ids)).values()) == {"completed"}
