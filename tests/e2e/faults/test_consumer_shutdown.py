@@ -234,12 +234,32 @@ async def test_sigterm_of_a_consumer_that_only_waits_for_another_leaves_at_once(
         assert second.find(lambda r: r.get("msg") == "stopping: 0 streams running, grace 60.0s")
         assert not second.find(lambda r: "handed over" in str(r.get("msg"))), second.tail()
 
+        # the first consumer still streams them as it did, never restarted; they are stopped
+        # here (not awaited: 30 s answers), and the first consumer, back on every partition,
+        # answers each record once
         async with recorded(apis[i % 2].stream(m) for i, m in enumerate(ids)) as streams:
-            await asyncio.gather(*(s.wait_done(within=60) for s in streams))
+            await asyncio.gather(*(s.wait_for(lambda e: bool(chunks(e)), 20) for s in streams))
+            cancels = await asyncio.gather(
+                *(
+                    apis[i % 2].cancel(s, m)
+                    for i, (s, m) in enumerate(zip(sessions, ids, strict=True))
+                )
+            )
+            assert {r.status_code for r in cancels} == {200}, [r.text for r in cancels]
+            await asyncio.gather(*(s.wait_done(within=30) for s in streams))
             events = {m: s.events for m, s in zip(ids, streams, strict=True)}
         for m in ids:
             sse_checks(m, events[m])
             assert "restart" not in kinds(events[m]), m
-            assert len(chunks(events[m])) == WAITED_TOKENS, m
-            assert events[m][-1].json()["status"] == "completed", m
-        assert set((await states(redis, settings, ids)).values()) == {"completed"}
+            assert [e.seq for e in chunks(events[m])] == list(range(1, len(chunks(events[m])) + 1))
+            assert events[m][-1].json()["status"] == "cancelled", m
+        assert set((await states(redis, settings, ids)).values()) == {"cancelled"}
+        seen = await read_responses(
+            settings,
+            set(sessions),
+            lambda evs: sum(e.get("type") == "chat.cancelled" for e in evs) >= len(ids),
+        )
+        for m in ids:
+            mine = kafka_checks(m, seen)
+            assert [e["type"] for e in mine].count("chat.started") == 1, m
+            assert {e["instance_id"] for e in mine} == {first.instance_id}, m
