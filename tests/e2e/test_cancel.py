@@ -72,14 +72,19 @@ async def test_twenty_rapid_clicks_on_both_apis_end_it_once(
         await stream.wait_for(lambda evs: len(chunks(evs)) >= 2, within=10, what="2 chunks")
 
         sent_at: list[float] = []
+        answered_at: list[float] = []
 
         async def click(api: Api) -> httpx.Response:
             sent_at.append(loop.time())
-            return await api.cancel(session, message_id)
+            answer = await api.cancel(session, message_id)
+            answered_at.append(loop.time())
+            return answer
 
         answers = await asyncio.gather(*(click((a, b)[i % 2]) for i in range(20)))
 
-        assert max(sent_at) - min(sent_at) < 0.1, "the 20 clicks were not sent within 100 ms"
+        # they raced: all 20 were out before any answer came back (how far apart they left
+        # is the test process's speed, not chatpipe's: CI saw 106 ms on a busy box)
+        assert max(sent_at) < min(answered_at), (sent_at, answered_at)
         assert [r.status_code for r in answers] == [200] * 20, [r.text for r in answers]
         assert {r.json()["status"] for r in answers} == {"cancelled"}
         done = await stream.wait_done(within=5)
