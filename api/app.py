@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import Authenticator, Forbidden, Unauthenticated, secure_openapi
+from api.exiting import ServerExit
 from api.guard import BodyTooLarge, GuardBodies
 from api.hub import Hub, InvalidStreamId
 from api.limits import Full, Limited, RateLimiter, StreamLimits
@@ -83,8 +85,10 @@ def error_response(exc: ChatpipeError, settings: Settings, path: str = "") -> JS
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, exiting: ServerExit | None = None) -> FastAPI:
+    """`exiting`: when the server starts shutting down (api/exiting.py; `__main__`'s)."""
     settings = settings or Settings()
+    exiting = exiting or ServerExit()
     auth = Authenticator(settings)  # reads key files now: a bad setting fails the start
 
     @contextlib.asynccontextmanager
@@ -144,11 +148,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info(
             "api %s listening on %s:%d", settings.instance_id, settings.api_host, settings.api_port
         )
+        app.state.exiting = exiting
+        watching = asyncio.create_task(exiting.watch(), name="server-exit")
         gc_watch = GCWatch(metrics).install()
         try:
             yield
         finally:
             gc_watch.uninstall()
+            watching.cancel()
             await streams.stop()
             await hub.stop()
             for closer in (producer.stop, reader.aclose, redis.aclose):

@@ -16,7 +16,7 @@ The body is read here, at most `max_bytes` of it, and handed to the app as one m
 Starlette's own `RequestBodyLimitMiddleware` (FastAPI's `max_body_size`) caps a body as it is
 read, but only once the route reads it (after nothing: auth comes later), and answers a
 plain-text "Content Too Large" without saying which limit; hence this small layer.
-It never touches a response body (api/sse.py's SEND_SAFE_LAYERS lists it).
+It never touches a response body.
 """
 
 from __future__ import annotations

@@ -16,28 +16,20 @@ that stopped reading, ending on server shutdown) and does per event only what mu
   connection; every `heartbeat_s` it writes a comment line between two events, as
   sse-starlette's ping (`: ping - <UTC time>`): also while events flow, as before (a client
   or proxy may count on them).
-- The body messages skip the middleware layers. The outermost layer (api/stalled.py) puts the
-  server's own `send` into the scope under `RAW_SEND` when every layer of the stack is one of
-  `SEND_SAFE_LAYERS`: layers that look only at `http.response.start` (CORS adds headers,
-  RequestCounter counts, the error and telemetry layers note that a response started). The
-  start message still goes through all of them; the bodies (and the final empty one) go
-  straight to the server. Why that is safe: none of those layers reads, rewrites or counts
-  a body. What would break it: a layer that does — GZip, BaseHTTPMiddleware (it pipes the body
-  through its own stream and would wait forever), a body logger. Such a layer is not in
-  `SEND_SAFE_LAYERS`, so the stack gets no `RAW_SEND` and every message goes through the
-  wrappers again (correct, only slower); tests/unit/test_sse_stack.py fails so that whoever
-  added it sees the cost and decides.
-- Server shutdown: sse-starlette's shutdown watcher (one per process, kept: it is the
-  library's, with its uvicorn fixes) ends the response cleanly — the pending events are
-  dropped, the body is terminated, the browser reconnects elsewhere with Last-Event-ID. The
-  hub stopping ends the event iterator, which ends the response the same way.
+- Every message goes through the middleware layers, as any response's. Until 2026-12 the
+  bodies skipped them (the server's own `send`, handed down by the outermost layer when every
+  layer was on an allowlist of known classes, some in FastAPI's private modules): an A/B at 200
+  streams measured the api's CPU per chunk at 126 µs with it and 128 without (1.02x, within
+  the round-to-round spread; docs/benchmarks.md, issue 16), so the plain form stays.
+- Server shutdown (api/exiting.py): when the server starts shutting down the response ends
+  cleanly — the pending events are dropped, the body is terminated, the browser reconnects
+  elsewhere with Last-Event-ID. The hub stopping ends the event iterator, which ends the
+  response the same way.
 
 However the response ends, the event iterator is closed (`aclose()`: its `finally` releases
 the hub subscription and the `chatpipe_sse_clients` gauge) and `release()` runs (the stream
 slot), also for HEAD (headers only, the iterator never starts; the routes answer HEAD with 405
 today, as FastAPI adds no HEAD to a GET route) or a client gone before the first event.
-Bodies skip the route's own exception wrapper too (Starlette's `wrap_app_handling_exceptions`,
-which also only notes the start).
 
 Why not a library: sse-starlette is what this replaces (measured below); FastAPI's own
 `fastapi.sse.EventSourceResponse` is a `StreamingResponse` driven by FastAPI's routing for
@@ -47,61 +39,21 @@ timeout, and each event still crosses every middleware wrapper.
 
 Measured (2026-11-29, 2-core box): per event through the api's middleware stack (CORS on,
 an Origin header) with a fake server send, CPU µs: sse-starlette + the former
-`_HeldEventSource` 6.7, this response 0.6, `fastapi.sse` (yielding `ServerSentEvent`) 48.
-Bench A/B at 200 streams (docs/benchmarks.md "Commands"; the base was the same tree with
-this module's change reverted): api CPU per chunk per process 42.7 / 44.2 µs against 43.7-49.7
-/ 44.8-50.2 (steady arrivals), 37.3 / 38.9 against 43.1-44.4 / 44.9-46.4 (burst): 3 to 14%
-less, at the noise level of this box; the rest is the hub, the event loop, uvicorn's write
-and the kernel.
+`_HeldEventSource` 6.7, this response with the bodies skipping the layers 0.6, `fastapi.sse`
+(yielding `ServerSentEvent`) 48. In the whole api at 200 streams the difference the skip made
+is within the noise (above), which is why it went: what an api spends per chunk is the hub,
+the event loop, uvicorn's write and the kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sse_starlette import EventSourceResponse as _LibraryEventSource
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-RAW_SEND = "chatpipe.raw_send"
-
-# (module, class) of the layers that act on `http.response.start` only (module docstring)
-SEND_SAFE_LAYERS = frozenset(
-    {
-        ("api.stalled", "DropStalledClients"),
-        ("starlette.middleware.errors", "ServerErrorMiddleware"),
-        ("fastapi.telemetry._asgi", "ExceptionTelemetryMiddleware"),
-        ("fastapi._body_limit", "AppBodyLimitMiddleware"),
-        ("starlette.middleware.cors", "CORSMiddleware"),
-        ("api.middleware", "RequestCounter"),
-        ("api.guard", "GuardBodies"),
-        ("starlette.middleware.exceptions", "ExceptionMiddleware"),
-        ("fastapi.middleware.asyncexitstack", "AsyncExitStackMiddleware"),
-    }
-)
-_ROUTERS = frozenset({("fastapi.routing", "APIRouter"), ("starlette.routing", "Router")})
-
-
-def stack_layers(app: ASGIApp) -> list[tuple[str, str]]:
-    """(module, class) of each layer of a built middleware stack, outermost first, down to
-    the router (excluded)."""
-    layers: list[tuple[str, str]] = []
-    layer: Any = app
-    while layer is not None:
-        kind = (type(layer).__module__, type(layer).__qualname__)
-        if kind in _ROUTERS:
-            return layers
-        layers.append(kind)
-        layer = getattr(layer, "app", None)
-    return layers
-
-
-def bodies_may_skip(app: ASGIApp) -> bool:
-    """Whether every layer of the stack is a known one that leaves bodies alone."""
-    return all(kind in SEND_SAFE_LAYERS for kind in stack_layers(app))
+from starlette.types import Receive, Scope, Send
 
 
 class SendTimeout(TimeoutError):
@@ -116,10 +68,6 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _server_exiting() -> None:
-    await _LibraryEventSource._listen_for_exit_signal()
-
-
 class SSEResponse(Response):
     """`text/event-stream` of already-encoded SSE text (`events`). The media type is set per
     instance, as sse-starlette's: as a class attribute FastAPI would document the 200 as
@@ -131,6 +79,7 @@ class SSEResponse(Response):
         events: AsyncIterator[bytes],
         release: Callable[[], Awaitable[None]],
         *,
+        exiting: Callable[[], Coroutine[Any, Any, None]] | None = None,
         heartbeat_s: float,
         send_timeout_s: float,
         headers: Mapping[str, str] | None = None,
@@ -138,6 +87,7 @@ class SSEResponse(Response):
     ) -> None:
         self.events = events
         self.release = release
+        self.exiting = exiting  # returns when the server starts shutting down
         self.heartbeat_s = heartbeat_s  # <= 0: no heartbeat
         self.send_timeout_s = send_timeout_s  # <= 0: no send timeout
         self.status_code = status_code
@@ -168,16 +118,16 @@ class SSEResponse(Response):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        raw: Send = scope.get(RAW_SEND) or send
         if scope["method"] == "HEAD":  # headers only: the stream never starts
-            await raw({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         loop = asyncio.get_running_loop()
         self._last_ping = loop.time()
-        pump = loop.create_task(self._pump(raw))
+        pump = loop.create_task(self._pump(send))
         gone = loop.create_task(_disconnected(receive))
-        exiting = loop.create_task(_server_exiting())
-        tasks = {pump, gone, exiting}
+        tasks = {pump, gone}
+        if self.exiting is not None:
+            tasks.add(loop.create_task(self.exiting()))
         try:
             while True:
                 done, _ = await asyncio.wait(
@@ -191,7 +141,7 @@ class SSEResponse(Response):
                     if now - since >= self.send_timeout_s > 0:
                         raise SendTimeout
                 elif self.heartbeat_s > 0 and now - self._last_ping >= self.heartbeat_s:
-                    await self._heartbeat(raw, now)
+                    await self._heartbeat(send, now)
         finally:
             for task in tasks:
                 task.cancel()
@@ -203,7 +153,7 @@ class SSEResponse(Response):
             raise pump.exception()  # type: ignore[misc]
         # the events ended (done, hub stopped) or the server is shutting down; the end of the
         # body waits for the client to take what is buffered, bounded like every other send
-        await self._bounded(raw({"type": "http.response.body", "body": b"", "more_body": False}))
+        await self._bounded(send({"type": "http.response.body", "body": b"", "more_body": False}))
 
     def _until_check(self, now: float) -> float | None:
         timeout, heartbeat = self.send_timeout_s, self.heartbeat_s
@@ -249,6 +199,7 @@ def sse_response(request: Any, events: Any, release: Any, **headers: str) -> SSE
     return SSEResponse(
         events,
         release,
+        exiting=request.app.state.exiting.wait,
         heartbeat_s=s.sse_heartbeat_s,
         send_timeout_s=s.sse_send_timeout_s,
         headers=headers,

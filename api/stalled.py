@@ -9,9 +9,6 @@ goes away. So the outermost ASGI layer catches the timeout and aborts the transp
 connection is closed at once, the process keeps nothing of that client (what the kernel still
 holds for it is an orphaned socket it times out), and a browser's EventSource reconnects
 with Last-Event-ID and resumes from Redis, losing nothing.
-
-The outermost layer also hands the server's own `send` to the SSE response (`RAW_SEND` in the
-scope) when every layer of the stack leaves response bodies alone (api/sse.py says why).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.sse import RAW_SEND, SendTimeout, bodies_may_skip
+from api.sse import SendTimeout
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +50,11 @@ def _send_timed_out(exc: BaseException) -> bool:
 class DropStalledClients:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.raw_send = bodies_may_skip(self)  # checked once, on the built stack
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.raw_send:
-            scope[RAW_SEND] = send
         transport = _transport(send)
         try:
             await self.app(scope, receive, send)

@@ -16,7 +16,6 @@ PACKAGES = [
     "uvicorn",
     "uvloop",
     "httptools",
-    "sse-starlette",
     "redis",
     "hiredis",
     "aiokafka",

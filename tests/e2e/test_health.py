@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 
 import httpx
 import pytest
 
+from tests.e2e.conftest import Api
 from tests.support.cluster import Cluster
 from tests.support.procs import Proc, free_port
-from tests.support.sse import SSEStream
+from tests.support.sse import SSEStream, chunks
 from tests.support.wait import WaitError, apoll
 
 pytestmark = pytest.mark.e2e
@@ -157,3 +159,41 @@ async def test_a_consumer_stops_promptly_and_another_takes_its_partitions(
         async with SSEStream(client, accepted.json()["stream_url"]) as stream:
             events = await stream.until_done(within=15)
     assert events[-1].json()["status"] == "completed"
+
+
+async def test_sigterm_ends_an_apis_open_streams_cleanly_and_they_resume_on_another(
+    cluster: Cluster, apis: tuple[Api, Api]
+) -> None:
+    """A rolling deploy: an api told to stop ends each open SSE response as a response (its
+    body terminated: a browser's EventSource sees the end and reconnects, no broken
+    connection after uvicorn's graceful timeout cancels it) and shuts down cleanly; the
+    client resumes on another api with Last-Event-ID and misses nothing."""
+    proc = cluster.spawn("api", "api-leaving")
+    tokens = 40  # 100 ms apart: the answer outlives the api
+    async with httpx.AsyncClient(timeout=10) as client:
+        await _answering(client, proc)
+        session = f"s-{uuid.uuid4().hex[:12]}"
+        posted = await client.post(
+            f"{proc.url}/api/chat",
+            json={"session_id": session, "message": "hello", "options": {"max_tokens": tokens}},
+        )
+        assert posted.status_code == 202, posted.text
+        message_id = posted.json()["message_id"]
+        url = f"{proc.url}/api/chat/{message_id}/stream"
+        async with SSEStream(client, url) as stream:
+            await stream.take(2, within=10)
+            proc.signal(signal.SIGTERM)
+            # a broken body would raise here (httpx: incomplete chunked read)
+            while await stream.next_event(within=15) is not None:
+                pass
+            before = list(stream.events)
+        code = await proc.stop(within=15)
+    # a clean shutdown (uvicorn re-raises the signal once it is done: -15), not a SIGKILL
+    assert code in (0, -signal.SIGTERM), (code, proc.tail())
+    assert proc.find(lambda r: r.get("msg") == "Application shutdown complete."), proc.tail()
+    assert before[-1].event == "chunk", [e.event for e in before]  # cut short, no done
+    async with apis[0].stream(message_id, last_event_id=before[-1].id) as resumed:
+        after = await resumed.until_done(within=20)
+    seqs = [e.seq for e in chunks(before) + chunks(after)]
+    assert seqs == list(range(1, tokens + 1)), seqs
+    assert after[-1].json()["status"] == "completed"
