@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Api
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, new_session
 from tests.support.procs import Proc, free_port
 from tests.support.sse import SSEStream, chunks
 from tests.support.wait import WaitError, apoll
@@ -170,17 +170,11 @@ async def test_sigterm_ends_an_apis_open_streams_cleanly_and_they_resume_on_anot
     client resumes on another api with Last-Event-ID and misses nothing."""
     proc = cluster.spawn("api", "api-leaving")
     tokens = 40  # 100 ms apart: the answer outlives the api
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
         await _answering(client, proc)
-        session = f"s-{uuid.uuid4().hex[:12]}"
-        posted = await client.post(
-            f"{proc.url}/api/chat",
-            json={"session_id": session, "message": "hello", "options": {"max_tokens": tokens}},
-        )
-        assert posted.status_code == 202, posted.text
-        message_id = posted.json()["message_id"]
-        url = f"{proc.url}/api/chat/{message_id}/stream"
-        async with SSEStream(client, url) as stream:
+        leaving = Api(proc.name, proc.url, client)
+        message_id = (await leaving.chat(new_session(), max_tokens=tokens))["message_id"]
+        async with leaving.stream(message_id) as stream:
             await stream.take(2, within=10)
             proc.signal(signal.SIGTERM)
             # a broken body would raise here (httpx: incomplete chunked read)
