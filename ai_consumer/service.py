@@ -49,7 +49,7 @@ async def started(
         await verify_redis(redis, settings)  # a refused Redis login fails start-up, clearly
         await consumer.start()
         await cancels.start()
-        sink = Sink(redis, state, producer, settings, metrics)
+        sink = Sink(state, producer, settings, metrics)
         sink.start()
 
         async def send_tombstone(key: bytes) -> object:

@@ -1,8 +1,8 @@
 """Per-chunk cost of the sink's Redis write, old against new (issue 12 item 8), on a real Redis.
 
 old: one pipeline per batch of MGET (cancel flags) + one XADD per event (unfenced).
-new: one pipeline per batch of one WRITE script call per event (fenced by the run's epoch; it
-     also answers the cancel). Prints client CPU and Redis CPU (INFO commandstats) per event.
+new: one WRITE script call per batch, every event fenced by its run's epoch (it also answers
+     each one's cancel). Prints client CPU and Redis CPU (INFO commandstats) per event.
 
     python -m bench.write_cost [--streams 100] [--batches 300]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -21,6 +22,16 @@ from chatpipe.settings import Settings
 from chatpipe.state import State
 
 NOW = "2024-05-01T10:00:00.000000Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    message_id: str
+    session_id: str
+    epoch: str
+    sse_event: str
+    seq: int
+    sse_data: dict[str, Any]
 
 
 async def redis_usec(redis: Redis) -> float:
@@ -52,10 +63,7 @@ async def run(url: str, streams: int, batches: int) -> None:
             await pipe.execute()
 
     async def new(seq: int) -> None:
-        async with redis.pipeline(transaction=False) as pipe:
-            for m in ids:
-                await state.write(pipe, m, f"s-{m}", epochs[m], "chunk", seq, data)
-            await pipe.execute()
+        await state.write([Event(m, f"s-{m}", epochs[m], "chunk", seq, data) for m in ids])
 
     for name, step in (("old MGET+XADD", old), ("new WRITE script", new)) * 2:
         await step(0)  # warm up (scripts loaded)

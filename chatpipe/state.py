@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -79,6 +79,23 @@ class Finish:
     stream_id: str
     already: bool = False
     cancel_source: str = ""  # where the first cancel came from (api, kafka, session, interrupt)
+
+
+class Event(Protocol):
+    """One SSE event of a run, as `State.write` appends it (ai_consumer/sink.py's Outgoing)."""
+
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def epoch(self) -> str: ...
+    @property
+    def sse_event(self) -> str: ...  # started | restart | chunk
+    @property
+    def seq(self) -> int: ...
+    @property
+    def sse_data(self) -> dict[str, Any]: ...
 
 
 class State:
@@ -665,37 +682,37 @@ class State:
             approximate=True,
         )
 
-    async def write(
-        self,
-        pipe: Pipeline,
-        message_id: str,
-        session_id: str,
-        epoch: str,
-        event: str,
-        seq: int,
-        data: dict[str, Any],
-        first: bool = False,
-    ) -> None:
-        """Queue on `pipe` one SSE event of the run `epoch`, fenced (the WRITE script). Its
-        result: -1 the run lost the message (nothing written: write nothing more, to Kafka
-        neither), 1 written and a cancel is requested, 0 written. `first`: the run's first
-        event, which gives the stream its TTL while streaming."""
+    async def write(self, events: Sequence[Event]) -> list[int]:
+        """Append SSE events of runs, each fenced by its run's epoch (the WRITE script), in one
+        round trip: one script call for all of them (one per hash slot on a Redis Cluster).
+        The answer per event, in order: -1 the run lost the message (nothing written:
+        write nothing more, to Kafka neither), 1 written and a cancel is requested, 0 written.
+        An event other than a `chunk` is its run's first (started, restart): it gives the
+        stream its TTL while streaming. Safe to send again after a lost connection: events
+        Redis holds already are skipped."""
         k = self.keys
         s = self.settings
-        keys = [
-            k.msg(session_id, message_id),
-            k.stream(session_id, message_id),
-            k.cancel(session_id, message_id),
-        ]
-        args: list[Arg] = [
-            epoch,
-            event,
-            seq,
-            dumps(data),
-            s.stream_maxlen,
-            s.active_ttl_s if first else "",
-        ]
-        await self._write(keys=keys, args=args, client=pipe)
+        groups = self._by_slot(range(len(events)), lambda i: k.bucket(events[i].session_id))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for indexes in groups:
+                keys: list[str] = []
+                args: list[Arg] = [s.stream_maxlen, s.active_ttl_s]
+                for i in indexes:
+                    e = events[i]
+                    keys += [
+                        k.msg(e.session_id, e.message_id),
+                        k.stream(e.session_id, e.message_id),
+                        k.cancel(e.session_id, e.message_id),
+                    ]
+                    first = "" if e.sse_event == "chunk" else "1"
+                    args += [e.epoch, e.sse_event, e.seq, dumps(e.sse_data), first]
+                await self._write(keys=keys, args=args, client=pipe)
+            found = await pipe.execute()
+        answers = [0] * len(events)
+        for indexes, group_answers in zip(groups, found, strict=True):
+            for i, answer in zip(indexes, group_answers, strict=True):
+                answers[i] = int(answer)
+        return answers
 
     async def lost_runs(self, runs: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         """Of (session_id, message_id, epoch) runs, those that lost their message since: it is

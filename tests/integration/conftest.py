@@ -71,7 +71,7 @@ async def handler(topics: Settings, redis: Redis) -> AsyncIterator[Handler]:
     provider = make_provider(topics)
     state = State(redis, topics)
     metrics = Metrics()
-    sink = Sink(redis, state, producer, topics, metrics)
+    sink = Sink(state, producer, topics, metrics)
     sink.start()
 
     async def send_tombstone(key: bytes) -> object:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -412,11 +413,55 @@ async def test_cancel_of_a_cancelled_message_is_a_repeat(state: State) -> None:
 # --- issue 12: fencing, the terminal's Kafka ack, a cancel that outlives its flag, stream TTL --
 
 
+@dataclass(frozen=True)
+class Ev:
+    """An SSE event as State.write takes it (the sink's Outgoing has these fields too)."""
+
+    message_id: str
+    session_id: str
+    epoch: str
+    seq: int
+    sse_event: str = "chunk"
+
+    @property
+    def sse_data(self) -> dict[str, Any]:
+        return {"seq": self.seq}
+
+
 async def write(state: State, message_id: str, epoch: str, seq: int, first: bool = False) -> int:
-    async with state.redis.pipeline(transaction=False) as pipe:
-        await state.write(pipe, message_id, "s-1", epoch, "chunk", seq, {"seq": seq}, first)
-        (answer,) = await pipe.execute()
-    return int(answer)
+    (answer,) = await state.write(
+        [Ev(message_id, "s-1", epoch, seq, "started" if first else "chunk")]
+    )
+    return answer
+
+
+async def test_one_write_call_answers_each_event_of_many_messages_in_order(
+    state: State, redis: Redis, keys: Keys
+) -> None:
+    """The sink's batch: events of messages in different hash slots (grouped by slot on a
+    Redis Cluster), two of one message in order, a lost run's refused, a cancelled one's
+    written and answered 1; each answer in the place of its event."""
+    sessions = [f"s-{i}" for i in range(8)]
+    assert len({keys.bucket(s) for s in sessions}) > 1  # more than one slot group
+    epochs = {}
+    for i, s in enumerate(sessions):
+        await queued(state, f"m-{i}", s)
+        epochs[s] = (await state.claim(f"m-{i}", s, "u-1", A, NOW)).epoch
+    await redis.delete(keys.lease("s-2", "m-2"))
+    taken = await state.claim("m-2", "s-2", "u-1", B, NOW)  # m-2's run on A lost it
+    assert taken.restart
+    assert await state.cancel("s-3", "m-3") == "cancelled"
+    batch = [Ev(f"m-{i}", s, epochs[s], 1, "started") for i, s in enumerate(sessions)]
+    batch.insert(1, Ev("m-0", "s-0", epochs["s-0"], 2))  # m-0's next event, same call
+    answers = await state.write(batch)
+    assert answers == [0, 0, 0, -1, 1, 0, 0, 0, 0]
+    assert await events(state, "m-0", "s-0") == [("started", 1), ("chunk", 2)]
+    assert await events(state, "m-2", "s-2") == []
+    assert await events(state, "m-3", "s-3") == [("started", 1)]
+    assert 290 < await redis.ttl(keys.stream("s-5", "m-5")) <= 300
+    # the same call again (a retry after a lost connection): nothing is written twice
+    assert await state.write(batch) == answers
+    assert await events(state, "m-0", "s-0") == [("started", 1), ("chunk", 2)]
 
 
 async def test_a_run_taken_over_writes_nothing_more_and_cannot_refresh_or_finish(
@@ -442,7 +487,7 @@ async def test_a_run_taken_over_writes_nothing_more_and_cannot_refresh_or_finish
     assert await state.refresh_leases([("m-1", "s-1", first.epoch)], A) == [0]
     assert not await redis.exists(keys.lease("s-1", "m-1"))
     assert await write(state, "m-1", second.epoch, 4) == -1
-    assert await events(state, "m-1") == [("chunk", 1), ("chunk", 2), ("done", 3)]
+    assert await events(state, "m-1") == [("started", 1), ("chunk", 2), ("done", 3)]
 
 
 async def test_a_terminal_never_acked_by_kafka_is_published_again_by_the_next_claim(

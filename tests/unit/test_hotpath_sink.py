@@ -6,13 +6,13 @@ Kafka records leave in order, a terminal after its chunks, each with its headers
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from redis.asyncio import Redis
 
 from ai_consumer.sink import CANCEL, WRITTEN, Outgoing, Sink, _Record
 from chatpipe.codec import headers_for
@@ -23,37 +23,6 @@ from chatpipe.settings import Settings
 from chatpipe.state import State
 
 
-class FakePipe:
-    def __init__(self, redis: FakeRedis) -> None:
-        self.redis = redis
-        self.ops: list[Any] = []
-
-    async def __aenter__(self) -> FakePipe:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    def mget(self, keys: list[str]) -> None:
-        self.ops.append(("mget", keys))
-
-    def write(self, key: str, flag_key: str, fields: dict[str, Any]) -> None:
-        self.ops.append(("write", key, fields, flag_key))
-
-    async def execute(self) -> list[Any]:
-        self.redis.round_trips.append(self.ops)
-        await asyncio.sleep(0)  # sleep-ok: one loop step, as a real round trip yields
-        if self.redis.down:
-            raise ConnectionError("redis is away")
-        if self.redis.fail_next:
-            self.redis.fail_next -= 1
-            raise ConnectionError("connection reset by peer")
-        out: list[Any] = []
-        for op in self.ops:  # the WRITE script's answer: 1 cancel requested, else 0 written
-            out.append(1 if self.redis.flags.get(op[3]) is not None else 0)
-        return out
-
-
 class FakeRedis:
     def __init__(self) -> None:
         self.flags: dict[str, bytes] = {}
@@ -61,31 +30,33 @@ class FakeRedis:
         self.down = False
         self.fail_next = 0  # round trips that fail before Redis is back (a blip)
 
-    def pipeline(self, transaction: bool = True) -> FakePipe:
-        return FakePipe(self)
-
 
 class FakeState:
-    def __init__(self, keys: Keys) -> None:
-        self.keys = keys
+    """State.write against FakeRedis: one round trip per call, an answer per event (1 a cancel
+    is requested, else 0 written)."""
 
-    async def write(
-        self,
-        pipe: Any,
-        message_id: str,
-        session_id: str,
-        epoch: str,
-        event: str,
-        seq: int,
-        data: Any,
-        first: bool = False,
-    ) -> None:
-        fields = {"e": event, "s": seq, "d": orjson.dumps(data)}
-        pipe.write(
-            self.keys.stream(session_id, message_id),
-            self.keys.cancel(session_id, message_id),
-            fields,
-        )
+    def __init__(self, keys: Keys, redis: FakeRedis) -> None:
+        self.keys = keys
+        self.redis = redis
+
+    async def write(self, events: Sequence[Outgoing]) -> list[int]:
+        ops = [
+            (
+                "write",
+                self.keys.stream(e.session_id, e.message_id),
+                {"e": e.sse_event, "s": e.seq, "d": orjson.dumps(e.sse_data)},
+                self.keys.cancel(e.session_id, e.message_id),
+            )
+            for e in events
+        ]
+        self.redis.round_trips.append(ops)
+        await asyncio.sleep(0)  # sleep-ok: one loop step, as a real round trip yields
+        if self.redis.down:
+            raise ConnectionError("redis is away")
+        if self.redis.fail_next:
+            self.redis.fail_next -= 1
+            raise ConnectionError("connection reset by peer")
+        return [1 if self.redis.flags.get(op[3]) is not None else 0 for op in ops]
 
 
 class FakeProducer:
@@ -105,9 +76,8 @@ class FakeProducer:
 def build(**settings_overrides: Any) -> tuple[Sink, FakeRedis, FakeProducer]:
     settings = Settings(**settings_overrides)
     redis, producer = FakeRedis(), FakeProducer()
-    state = FakeState(Keys.from_settings(settings))
+    state = FakeState(Keys.from_settings(settings), redis)
     sink = Sink(
-        cast(Redis, redis),
         cast(State, state),
         cast(AIOKafkaProducer, producer),
         settings,
@@ -231,8 +201,7 @@ async def test_chunk_records_waiting_for_kafka_are_bounded_and_terminals_still_l
     redis, producer = FakeRedis(), StalledProducer()
     metrics = Metrics()
     sink = Sink(
-        cast(Redis, redis),
-        cast(State, FakeState(Keys.from_settings(settings))),
+        cast(State, FakeState(Keys.from_settings(settings), redis)),
         cast(AIOKafkaProducer, producer),
         settings,
         metrics,

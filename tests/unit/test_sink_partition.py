@@ -10,7 +10,6 @@ from typing import Any, cast
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
-from redis.asyncio import Redis
 
 from ai_consumer.sink import Sink
 from chatpipe.metrics import Metrics
@@ -22,7 +21,7 @@ def sink_with(partitions: set[int] | None) -> Sink:
     cluster = SimpleNamespace(partitions_for_topic=lambda topic: partitions)
     producer = cast(AIOKafkaProducer, SimpleNamespace(client=SimpleNamespace(cluster=cluster)))
     settings = Settings()
-    return Sink(cast(Redis, None), cast(State, None), producer, settings, Metrics())
+    return Sink(cast(State, None), producer, settings, Metrics())
 
 
 @pytest.mark.parametrize("count", [1, 3, 12, 50])
