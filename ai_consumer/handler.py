@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from ai_consumer.interrupt import until_set
 from ai_consumer.llm import Provider, ProviderError, TokenUsage
 from ai_consumer.registry import LocalStream, Registry
-from ai_consumer.sink import CANCEL, LOST, Outgoing, Sink
+from ai_consumer.sink import CANCEL, LOST, WRITTEN, Outgoing, Sink
 from ai_consumer.tombstones import Tombstones
 from chatpipe.codec import now_rfc3339
 from chatpipe.errors import ChatpipeError, Reject, Retry
@@ -290,6 +290,30 @@ class Handler:
         # every chunk's record: this one, copied, with its seq, at and delta (same fields in the
         # same order as _event's), instead of building it field by field on every chunk
         chunk_value = self._event(req, "chat.chunk", seq, at)
+        coalescing = self.sink.coalescing
+        held_error: list[ChatpipeError] = []  # COALESCE_MS: a held chunk's write failed
+
+        def flagged() -> None:  # a write saw the message's cancel flag
+            nonlocal flag_seen_at
+            if not stream.cancelled.is_set():
+                flag_seen_at = time.time()
+            stream.cancelled.set()
+
+        def answered(done: asyncio.Future[int]) -> None:  # a held chunk was written (or not)
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:
+                held_error.append(
+                    error if isinstance(error, ChatpipeError) else ChatpipeError(str(error))
+                )
+                stream.cancelled.set()  # interrupts the model; the run ends failed
+            elif done.result() == LOST:
+                stream.lost = True
+                stream.cancelled.set()  # interrupts the model; the run ends without a terminal
+            elif done.result() == CANCEL:
+                flagged()
+
         try:
             async with contextlib.aclosing(
                 until_set(self.provider.stream(req, messages, usage), stream.cancelled)
@@ -300,35 +324,45 @@ class Handler:
                     value["seq"], value["at"], value["delta"] = seq, at, delta
                     if chunks == 0:
                         self.metrics.ttft.observe(time.monotonic() - started_at)
-                    answer = await self.sink.emit(
-                        Outgoing(
-                            req.message_id,
-                            req.session_id,
-                            "chunk",
-                            seq,
-                            {"seq": seq, "delta": delta, "at": at},
-                            "chat.chunk",
-                            value,
-                            traceparent,
-                            stream.epoch,
-                        )
+                    out = Outgoing(
+                        req.message_id,
+                        req.session_id,
+                        "chunk",
+                        seq,
+                        {"seq": seq, "delta": delta, "at": at},
+                        "chat.chunk",
+                        value,
+                        traceparent,
+                        stream.epoch,
                     )
+                    if coalescing:  # the answer comes later, through `answered`
+                        self.sink.hold(out, answered)
+                        answer = WRITTEN
+                    else:
+                        answer = await self.sink.emit(out)
                     if answer == LOST:  # a later run owns it, or it ended: write nothing more
                         stream.lost = True
                         break
-                    flagged = answer == CANCEL
                     seq += 1
                     chunks += 1
                     parts.append(delta)
                     self.metrics.chunks.inc()
-                    if flagged:
-                        if not stream.cancelled.is_set():
-                            flag_seen_at = time.time()
-                        stream.cancelled.set()
+                    if answer == CANCEL:
+                        flagged()
                         break
+                    if stream.lost or held_error:
+                        break
+            if coalescing:  # the held chunk before anything else of the message
+                answer = await self.sink.release(req.message_id)
+                if answer == LOST:
+                    stream.lost = True
+                elif answer == CANCEL:
+                    flagged()
             if stream.lost:
                 log.warning("lease lost to another instance; leaving the message to it", extra=ids)
                 return "skipped"
+            if held_error:
+                raise held_error[0]
             if stream.cancelled.is_set():
                 wanted, reason = "cancelled", "cancelled by user"
                 log.info("cancel received, stream stopped after %d chunks", chunks, extra=ids)
@@ -338,6 +372,9 @@ class Handler:
         except ChatpipeError as e:
             wanted, reason = "failed", str(e)
             log.warning("stream failed: %s", e, extra=ids)
+        if coalescing:  # ended failed: what is held still goes before the terminal event
+            with contextlib.suppress(ChatpipeError):
+                await self.sink.release(req.message_id)
         return await self._finish(
             req,
             stream,

@@ -21,6 +21,15 @@ record (contract 1.7.0: its first chunk's `seq`, `count`, the deltas joined): on
 and one send of the producer instead of one per token. SSE is not affected (every chunk is its
 own Redis entry). A message's started and terminal events close its open record first, so
 they never wait for the window and never overtake a chunk.
+
+With COALESCE_MS > 0 (design §4), a stream's tokens go to `hold()` instead of `emit()`: the
+first opens a chunk that the tokens of the next COALESCE_MS join, and it is written as one
+Redis entry, one SSE event and one Kafka record (`seq` of its first token, `count`, the deltas
+joined; contract 1.8.0). `hold()` does not wait: the chunk's answer (cancel requested, run
+lost, Redis away) reaches the stream through the callback it gave, and `release()` writes a
+stream's held chunk at once and waits for it (before its terminal event). Sequence numbers stay
+those of the tokens, so resume and ordering are as without it; the cost is up to COALESCE_MS
+of latency for the first token of each chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +75,7 @@ class Outgoing:
     traceparent: str | None = None
     epoch: str = ""  # the run's fencing token (Claim.epoch): its writes are refused once lost
     done: asyncio.Future[int] | None = None  # set by emit(): WRITTEN | CANCEL | LOST
+    count: int = 1  # tokens it carries (COALESCE_MS): seq .. seq + count - 1
 
 
 # What emit() answers: written; written and a cancel is requested (the caller stops); the run
@@ -107,6 +117,11 @@ class Sink:
         # a message's chunk records waiting for its window to close (RESPONSES_CHUNK_WINDOW_MS)
         self._window_s = settings.responses_chunk_window_ms / 1000
         self._open: dict[str, _Open] = {}
+        # a message's tokens joining one chunk for COALESCE_MS (oldest first: the deadlines
+        # are in insertion order)
+        self._coalesce_s = settings.coalesce_ms / 1000
+        self._held: dict[str, _Held] = {}
+        self._held_wake = asyncio.Event()
 
     def start(self) -> None:
         self._tasks = [
@@ -115,6 +130,8 @@ class Sink:
         ]
         if self._window_s > 0:
             self._tasks.append(asyncio.create_task(self._run_window(), name="sink-window"))
+        if self._coalesce_s > 0:
+            self._tasks.append(asyncio.create_task(self._run_held(), name="sink-coalesce"))
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         """Stop; first give queued Kafka records `flush_timeout` seconds to leave."""
@@ -137,6 +154,63 @@ class Sink:
             self._wake.set()
         self._pending.append(out)
         return await done
+
+    @property
+    def coalescing(self) -> bool:
+        return self._coalesce_s > 0
+
+    def hold(self, out: Outgoing, answered: Callable[[asyncio.Future[int]], None]) -> None:
+        """COALESCE_MS: `out` (a chunk of one token) joins its message's held chunk, or opens
+        one that is written COALESCE_MS from now; does not wait. `answered` is called with the
+        future of the chunk it opened (WRITTEN, CANCEL, LOST, or an error: Redis away)."""
+        held = self._held.get(out.message_id)
+        if held is not None and held.first.epoch == out.epoch:
+            held.add(out)
+            return
+        if held is not None:  # an earlier run's chunk still held: it goes first
+            self._release(out.message_id)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(answered)
+        out.done = done
+        deadline = asyncio.get_running_loop().time() + self._coalesce_s
+        self._held[out.message_id] = _Held(out, deadline)
+        self._held_wake.set()
+
+    async def release(self, message_id: str) -> int:
+        """Write `message_id`'s held chunk now and wait for it: its answer (WRITTEN when none
+        was held). Before a terminal event, which must not overtake it."""
+        done = self._release(message_id)
+        return WRITTEN if done is None else await done
+
+    def _release(self, message_id: str) -> asyncio.Future[int] | None:
+        held = self._held.pop(message_id, None)
+        if held is None:
+            return None
+        out = held.merged()
+        if not self._pending:
+            self._wake.set()
+        self._pending.append(out)
+        return out.done
+
+    async def _run_held(self) -> None:
+        """Write each held chunk when its COALESCE_MS has passed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._held:
+                self._held_wake.clear()
+                await self._held_wake.wait()
+                continue
+            wait = next(iter(self._held.values())).deadline - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            now = loop.time()
+            due = []
+            for message_id, held in self._held.items():
+                if held.deadline > now:
+                    break
+                due.append(message_id)
+            for message_id in due:
+                self._release(message_id)
 
     async def publish(
         self, key: str, kafka_type: str, value: dict[str, Any], traceparent: str | None = None
@@ -257,7 +331,7 @@ class Sink:
             return [*self._close_open(o.message_id), self._record(o, o.kafka_value, checked_at)]
         opened = self._open.get(o.message_id)
         if opened is not None and opened.epoch == o.epoch:
-            opened.deltas.append(str(o.kafka_value.get("delta", "")))
+            opened.add(o.kafka_value)
             return []
         out = self._close_open(o.message_id)
         self._open[o.message_id] = _Open(o, checked_at, checked_at + self._window_s)
@@ -274,7 +348,7 @@ class Sink:
         first = opened.first
         value = first.kafka_value
         if len(opened.deltas) > 1:
-            value = {**value, "delta": "".join(opened.deltas), "count": len(opened.deltas)}
+            value = {**value, "delta": "".join(opened.deltas), "count": opened.count}
         return self._record(first, value, opened.checked_at)
 
     async def _run_window(self) -> None:
@@ -423,9 +497,14 @@ class _Open:
     checked_at: float  # the first one's Redis check (the oldest: stale checks go by it)
     deadline: float
     deltas: list[str] = field(default_factory=list)
+    count: int = 0  # chunks (a held chunk of COALESCE_MS counts its tokens)
 
     def __post_init__(self) -> None:
-        self.deltas.append(str(self.first.kafka_value.get("delta", "")))
+        self.add(self.first.kafka_value)
+
+    def add(self, value: dict[str, Any]) -> None:
+        self.deltas.append(str(value.get("delta", "")))
+        self.count += int(value.get("count", 1))
 
     @property
     def message_id(self) -> str:
@@ -434,3 +513,26 @@ class _Open:
     @property
     def epoch(self) -> str:
         return self.first.epoch
+
+
+@dataclass(slots=True)
+class _Held:
+    """A message's tokens held for COALESCE_MS: `first` and the deltas after it."""
+
+    first: Outgoing
+    deadline: float
+    deltas: list[str] = field(default_factory=list)
+
+    def add(self, out: Outgoing) -> None:
+        self.deltas.append(out.sse_data["delta"])
+
+    def merged(self) -> Outgoing:
+        """`first`, carrying the held tokens (as it is when it holds one)."""
+        out = self.first
+        if self.deltas:
+            count = 1 + len(self.deltas)
+            delta = out.sse_data["delta"] + "".join(self.deltas)
+            out.sse_data = {**out.sse_data, "delta": delta, "count": count}
+            out.kafka_value = {**out.kafka_value, "delta": delta, "count": count}
+            out.count = count
+        return out

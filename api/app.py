@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, exiting: ServerExit | None = No
 
     app = App(  # FastAPI that drops clients which stopped reading (api/stalled.py)
         title="chatpipe",
-        version="1.3.0",  # docs/contract.md, HTTP versions
+        version="1.4.0",  # docs/contract.md, HTTP versions
         summary="Streams LLM chat answers over SSE; cancel on the first click from any instance.",
         lifespan=lifespan,
     )

@@ -191,15 +191,19 @@ class Driver:
             if event == b"chunk":
                 d = orjson.loads(data)
                 seq = d["seq"]
-                totals.chunks += 1
+                # a chunk of `count` tokens (COALESCE_MS) counts as that many; each of them
+                # is given the latency of its first (the oldest: an upper bound for the rest)
+                count = d.get("count", 1)
+                totals.chunks += count
                 if self.t_lo <= now <= self.t_hi:
                     at = _stamp(d["at"])
-                    totals.latencies.append(now - at)
+                    for _ in range(count):
+                        totals.latencies.append(now - at)
                     if split and ident:
                         xadd = int(ident.partition(b"-")[0]) / 1000
                         totals.to_redis.append(xadd - at)
                         totals.from_redis.append(now - xadd)
-                totals.per_second[int(now)] += 1
+                totals.per_second[int(now)] += count
                 if s.t_first is None:
                     s.t_first = now
                     if s.restarts == 0 and seq != 1:
@@ -208,9 +212,11 @@ class Driver:
                     s.duplicates += 1
                 elif seq != s.last_seq + 1:
                     s.gaps += seq - s.last_seq - 1
-                s.last_seq = max(s.last_seq, seq)
-                s.chunks += 1
-                if 1 <= seq <= len(s.expected) and d["delta"] != s.expected[seq - 1]:
+                s.last_seq = max(s.last_seq, seq + count - 1)
+                s.chunks += count
+                if 1 <= seq <= len(s.expected) and d["delta"] != "".join(
+                    s.expected[seq - 1 : seq - 1 + count]
+                ):
                     s.mismatches += 1
                 if s.t_cancel_answer is not None and now > s.t_cancel_answer:
                     s.after_cancel_answer += 1

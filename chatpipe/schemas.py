@@ -220,7 +220,7 @@ class ChatChunk(ResponseEvent):
         description=(
             "since 1.7.0: the record carries this many chunks (`seq` is the first one's, the "
             "next record's `seq` is `seq + count`; `delta` is their text joined); absent: one. "
-            "Only with RESPONSES_CHUNK_WINDOW_MS > 0"
+            "Only with RESPONSES_CHUNK_WINDOW_MS > 0 or (since 1.8.0) COALESCE_MS > 0"
         ),
     )
 

@@ -190,7 +190,11 @@ class Settings(BaseSettings):
     takeover_interval_ms: int = 250  # how often lapsed leases are looked up; 0 = off
     commit_interval_ms: int = 1000
     shutdown_grace_s: float = 10.0
-    coalesce_ms: float = 0.0
+    # a stream's tokens within this many ms join one chunk: one Redis entry, one SSE event,
+    # one chat.responses record (`seq` of the first token, `count`, the deltas joined; contract
+    # 1.8.0, HTTP 1.4.0); the first token of a chunk waits up to this long. 0 (the default):
+    # one chunk per token, as every reader before 1.8.0 expects (ai_consumer/sink.py)
+    coalesce_ms: float = Field(default=0.0, ge=0)
     # perf (docs/benchmarks.md): the sink's Redis round trips (MGET flags + XADDs) are at
     # least this many ms apart, so more chunks share one; the producer of chat.responses waits
     # up to producer_linger_ms to batch records (chunks are not awaited: SSE does not wait)

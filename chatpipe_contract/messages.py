@@ -42,7 +42,9 @@ KAFKA_BINDING_VERSION = "0.5.0"
 #        Cluster; chatpipe.keys); Kafka topics, keys and records unchanged
 # 1.7.0: `count` on `chat.chunk` (a record carrying several chunks: RESPONSES_CHUNK_WINDOW_MS,
 #        off by default); records unchanged while the window is 0
-CONTRACT_VERSION = f"{SCHEMA_VERSION}.7.0"
+# 1.8.0: `count` on `chat.chunk` also from COALESCE_MS (a stream's tokens within it are one
+#        chunk, on SSE too), off by default; records unchanged while it is 0
+CONTRACT_VERSION = f"{SCHEMA_VERSION}.8.0"
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMA_DIR = "schemas"

@@ -427,7 +427,7 @@ def test_asyncapi_structure() -> None:
     keys, headers and payload files, examples valid against their schemas."""
     doc = committed(contract.ASYNCAPI_FILE)
     assert doc["asyncapi"] == "3.0.0"
-    assert doc["info"]["version"] == "1.7.0"
+    assert doc["info"]["version"] == "1.8.0"
     assert doc["info"]["title"] == "chatpipe"
     assert doc["defaultContentType"] == "application/json"
     addresses = {c["address"]: c for c in doc["channels"].values()}

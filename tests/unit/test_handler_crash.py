@@ -89,6 +89,8 @@ class FakeState:
 
 
 class FakeSink:
+    coalescing = False  # one emit per token
+
     def __init__(self, state: FakeState) -> None:
         self.state = state
         self.published: list[dict[str, Any]] = []

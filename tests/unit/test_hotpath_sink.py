@@ -237,3 +237,54 @@ async def test_chunk_records_older_than_the_max_age_are_dropped_terminals_never(
     sink._queued = 2
     assert sink._fresh([old, started, fresh, terminal]) == [started, fresh, terminal]
     assert sink._queued == 0
+
+
+async def test_held_tokens_of_a_message_are_one_chunk_and_the_answer_reaches_the_stream() -> None:
+    """COALESCE_MS: tokens held for one message leave as one Redis entry and one record (seq
+    of the first, `count`, deltas joined); hold() does not wait; the answer (here: a cancel
+    requested) reaches the stream's callback; another message's tokens are their own chunk."""
+    sink, redis, producer = build(coalesce_ms=20)
+    redis.flags[sink.keys.cancel("s-m1", "m1")] = b"1"
+    answers: dict[str, asyncio.Future[int]] = {}
+    loop = asyncio.get_running_loop()
+    for m in ("m1", "m2"):
+        answers[m] = loop.create_future()
+
+    def answered(m: str) -> Any:
+        return lambda done: answers[m].set_result(done.result())
+
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            for seq in (1, 2, 3):
+                sink.hold(chunk("m1", seq), answered("m1"))  # returns at once
+            sink.hold(chunk("m2", 1), answered("m2"))
+            assert redis.round_trips == []  # held, not written yet
+            assert await answers["m1"] == CANCEL  # written once the window passed
+            assert await answers["m2"] == WRITTEN
+            assert await sink.release("m1") == WRITTEN  # nothing held any more
+            await sink._kafka.join()
+    finally:
+        await sink.stop(flush_timeout=1)
+    written = [op[2] for trip in redis.round_trips for op in trip]
+    assert [orjson.loads(w["d"]) for w in written] == [
+        {"seq": 1, "delta": " 1 2 3", "count": 3},
+        {"seq": 1, "delta": " 1"},
+    ]
+    assert [(r["value"]["seq"], r["value"].get("count")) for r in producer.sent] == [
+        (1, 3),
+        (1, None),
+    ]
+
+
+async def test_release_writes_a_held_chunk_at_once_and_answers_it() -> None:
+    sink, redis, _ = build(coalesce_ms=60_000)  # the window never passes in this test
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            sink.hold(chunk("m1", 1), lambda done: None)
+            sink.hold(chunk("m1", 2), lambda done: None)
+            assert await sink.release("m1") == WRITTEN
+    finally:
+        await sink.stop(flush_timeout=1)
+    assert [op[2]["s"] for trip in redis.round_trips for op in trip] == [1]
