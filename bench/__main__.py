@@ -46,6 +46,9 @@ def parse(argv: list[str]) -> Params:
     )
     ap.add_argument("--no-burst", action="store_true", help="skip the burst case at --compare-n")
     ap.add_argument("--no-silence", action="store_true", help="skip the cancel-during-silence case")
+    ap.add_argument(
+        "--no-fast", action="store_true", help="skip the fast-model rows (100 tokens/s)"
+    )
     ap.add_argument("--silence-n", type=int, help="concurrency of the silence case (100)")
     ap.add_argument("--silence-duration", type=float, help="seconds of the silence case (15)")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
@@ -137,6 +140,8 @@ def parse(argv: list[str]) -> Params:
         p.redis_cluster = True
     if a.no_silence:
         p.silence = False
+    if a.no_fast:
+        p.fast = False
     if a.no_burst:
         p.burst = False
     if a.no_profile:

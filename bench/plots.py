@@ -16,16 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.report import ORDER, P99_LIMIT_MS
+from bench.report import ORDER, P99_LIMIT_MS, cpu_us_per_chunk
 
 Run = dict[str, Any]
-
-
-def cpu_us_per_chunk(r: Run) -> float:
-    own = float(r["cpu_ms_per_1000_chunks"])
-    if r["system"].startswith("chatpipe") and r.get("kafka"):
-        own += float(r["kafka"]["cpu_ms_per_1000_chunks"])
-    return own
 
 
 def token_p99_ms(r: Run) -> float:

@@ -80,6 +80,15 @@ class Table:
         return "\n".join(out) + "\n"
 
 
+def cpu_us_per_chunk(r: dict[str, Any]) -> float:
+    """CPU per chunk of every process of the system, chatpipe's share of the broker included
+    (the seed and the limit use Kafka for nothing)."""
+    own = float(r["cpu_ms_per_1000_chunks"])
+    if r["system"].startswith("chatpipe") and r.get("kafka"):
+        own += float(r["kafka"]["cpu_ms_per_1000_chunks"])
+    return own
+
+
 def _runs(report: dict[str, Any], scenario: str) -> list[dict[str, Any]]:
     return [r for r in report["runs"] if r["scenario"] == scenario]
 
@@ -280,10 +289,18 @@ def silence(report: dict[str, Any]) -> Table | None:
     return t
 
 
-def sweep(report: dict[str, Any]) -> Table:
-    rows = sorted(_runs(report, "sweep"), key=_sort_key)
+def sweep(report: dict[str, Any], scenario: str = "sweep") -> Table:
+    rows = sorted(_runs(report, scenario), key=_sort_key)
+    title = "Capacity sweep (ms; CPU % summed over the system's processes, 100% = one core)"
+    if scenario == "fast":
+        p = report["params"]
+        rate = 1000 / p.get("fast_token_delay_ms", 10)
+        title = (
+            f"Fast model: {rate:.0f} tokens/s, {p.get('fast_tokens', 400)}-token answers "
+            "(ms; CPU % as above; CPU per chunk in the last column)"
+        )
     t = Table(
-        "Capacity sweep (ms; CPU % summed over the system's processes, 100% = one core)",
+        title,
         [
             "system",
             "n",
@@ -298,6 +315,7 @@ def sweep(report: dict[str, Any]) -> Table:
             "CPU %",
             "driver CPU % / loop lag p99",
             "load before",
+            "CPU us / chunk (all its processes, broker included)",
         ],
     )
     for r in rows:
@@ -316,6 +334,7 @@ def sweep(report: dict[str, Any]) -> Table:
             round(own),
             f"{r['driver']['cpu_pct']:.0f} / {_f(r['driver']['loop_lag_ms']['p99'])}",
             _load(r["load"]["before"]),
+            round(cpu_us_per_chunk(r)),
         )
     return t
 
@@ -518,6 +537,8 @@ def all_tables(report: dict[str, Any]) -> list[Table]:
     if sil is not None:
         tables.append(sil)
     tables.append(sweep(report))
+    if _runs(report, "fast"):
+        tables.append(sweep(report, "fast"))
     bursts = burst(report)
     if bursts is not None:
         tables.append(bursts)

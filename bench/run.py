@@ -67,6 +67,12 @@ class Params:
     silence_duration_s: float = 15.0
     silence_first_token_ms: float = 5000.0
     silence_window_s: tuple[float, float] = (1.0, 4.0)
+    # the fast-model rows (issue 16): 100 tokens/s, 400-token answers, at these n, for the
+    # swept systems
+    fast: bool = True
+    fast_sweep: list[int] = field(default_factory=lambda: [100, 200, 300])
+    fast_token_delay_ms: float = 10.0
+    fast_tokens: int = 400
     profile: bool = True
     profile_duration_s: int = 15
     max_concurrent_streams: int = 512
@@ -105,6 +111,7 @@ class Params:
             token_delay_ms=20.0,
             cancel_fraction=0.3,
             silence=False,
+            fast=False,
             burst=False,
             profile=False,
             stream_timeout_s=30.0,
@@ -498,6 +505,48 @@ class Suite:
         result = self.measure(system, "profile", spec, profile_procs=["api-1", "ai_consumer-1"])
         self.runs.append(result)
 
+    def run_fast(self) -> None:
+        """The swept systems again with a fast model: 100 tokens/s, 400-token answers, at each
+        n of `fast_sweep` (scenario "fast"), stopping after a saturated n as the sweep does."""
+        p = self.p
+        for kind in self.kinds():
+            swept = kind.split("-")[0] if kind.startswith("chatpipe") else kind
+            if swept not in p.sweep_systems:
+                continue
+            if self.out_of_time():
+                self.problems.append(f"time budget spent: {kind} fast-model rows not run")
+                continue
+            try:
+                system = self.start(
+                    kind,
+                    SIM_TOKEN_DELAY_MS=str(p.fast_token_delay_ms),
+                    SIM_TOKENS=str(p.fast_tokens),
+                )
+            except BenchError as e:
+                self.problems.append(f"{kind} (fast model) did not start: {e}")
+                continue
+            try:
+                self.warm_up(system)
+                for n in p.fast_sweep:
+                    if self.out_of_time():
+                        self.problems.append(f"time budget spent: {kind} fast n={n} not run")
+                        break
+                    spec = self.spec(
+                        system,
+                        f"{system.name}-fast-n{n}",
+                        n,
+                        tokens=p.fast_tokens,
+                        token_delay_ms=p.fast_token_delay_ms,
+                    )
+                    result = self.measure(system, "fast", spec)
+                    self.runs.append(result)
+                    if not p.keep_going and _saturated(result) and n != p.fast_sweep[-1]:
+                        break
+            except BenchError as e:
+                self.problems.append(f"{kind} (fast model): {e}")
+            finally:
+                self.launcher.stop(system.procs)
+
     def run_silence(self) -> None:
         p = self.p
         for kind in self.kinds():
@@ -535,6 +584,8 @@ class Suite:
         try:
             self.setup()
             self.run_sweep()
+            if self.p.fast:
+                self.run_fast()
             if self.p.silence:
                 self.run_silence()
         except BenchError as e:
