@@ -64,7 +64,7 @@ def parse(argv: list[str]) -> Params:
         action="store_true",
         help="--redis-url names one node of a Redis Cluster: the processes under test get "
         "REDIS_CLUSTER=true, the probe sums every node (e.g. infra/local/cluster.sh: "
-        "--redis-url redis://127.0.0.1:27001/0 --kafka "
+        "--redis-url redis://127.0.0.1:21001/0 --kafka "
         "127.0.0.1:29092,127.0.0.1:29093,127.0.0.1:29094)",
     )
     ap.add_argument("--kafka", help="bootstrap servers (KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")

@@ -5,13 +5,15 @@
 # redis-server), on 127.0.0.1, no Docker. Data, logs and pid files of each node live under one
 # stack folder, so the single-node stack, CI's and this one can run at once.
 #
-# Usage: infra/local/cluster.sh start|stop|status|wipe|env
+# Usage: infra/local/cluster.sh start|stop|status|wipe|env|ports
 #        infra/local/cluster.sh stop-node|kill-node|start-node NODE   (kafka-1..3, redis-1..6)
 # `start` is a no-op for what runs already; its last line is the environment for clients.
 #
 # Settings (environment), ports apart from the single-node stack's (9092/9093/6379) and CI's
 # (19092/19093/16379): CLUSTER_KAFKA_PORT=29092 (brokers 29092..29094; controllers at +100),
-# CLUSTER_REDIS_PORT=27001 (27001..27006; Redis's cluster bus at +10000),
+# CLUSTER_REDIS_PORT=21001 (21001..21006; Redis's cluster bus at +10000). Every port stays
+# below the kernel's ephemeral range (32768 and up), where an outgoing connection may hold it
+# (tests/unit/test_stack_ports.py),
 # CLUSTER_KAFKA_HEAP=384m, CHATPIPE_CLUSTER_DIR=$HOME/.local/state/chatpipe/cluster-$CLUSTER_KAFKA_PORT
 set -euo pipefail
 
@@ -22,7 +24,7 @@ source "${HERE}/kafka-lib.sh"
 KAFKA_VERSION="4.1.1"  # the same as stack.sh
 HOST="127.0.0.1"
 KAFKA_BASE="${CLUSTER_KAFKA_PORT:-29092}"
-REDIS_BASE="${CLUSTER_REDIS_PORT:-27001}"
+REDIS_BASE="${CLUSTER_REDIS_PORT:-21001}"
 KAFKA_HEAP="${CLUSTER_KAFKA_HEAP:-384m}"
 STACK_TIMEOUT="${STACK_TIMEOUT:-90}"
 CACHE_DIR="${CHATPIPE_CACHE_DIR:-${HOME}/.cache/chatpipe}"
@@ -38,6 +40,15 @@ die() { printf 'cluster.sh: error: %s\n' "$*" >&2; exit 1; }
 broker_port() { echo $((KAFKA_BASE + $1 - 1)); }
 controller_port() { echo $((KAFKA_BASE + 100 + $1 - 1)); }
 redis_port() { echo $((REDIS_BASE + $1 - 1)); }
+
+# every port the stack listens on, one per line (what a firewall or a port check needs)
+print_ports() {
+  local i
+  for i in "${KAFKA_NODES[@]}"; do echo "$(broker_port "$i") kafka-${i}"; done
+  for i in "${KAFKA_NODES[@]}"; do echo "$(controller_port "$i") kafka-${i}-controller"; done
+  for i in "${REDIS_NODES[@]}"; do echo "$(redis_port "$i") redis-${i}"; done
+  for i in "${REDIS_NODES[@]}"; do echo "$(($(redis_port "$i") + 10000)) redis-${i}-bus"; done
+}
 node_dir() { echo "${DIR}/$1"; }  # node_dir kafka-1
 
 alive() {  # alive PIDFILE -> prints the pid of a live process
@@ -254,6 +265,7 @@ main() {
     status) status ;;
     wipe) stop_all; rm -rf "$DIR"; log "removed ${DIR}" ;;
     env) print_env ;;
+    ports) print_ports ;;
     stop-node) stop_node "${2:?a node name}" TERM ;;
     kill-node) stop_node "${2:?a node name}" KILL ;;
     start-node) start_node "${2:?a node name}" ;;
