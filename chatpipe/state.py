@@ -693,21 +693,29 @@ class State:
         k = self.keys
         s = self.settings
         groups = self._by_slot(range(len(events)), lambda i: k.bucket(events[i].session_id))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for indexes in groups:
-                keys: list[str] = []
-                args: list[Arg] = [s.stream_maxlen, s.active_ttl_s]
-                for i in indexes:
-                    e = events[i]
-                    keys += [
-                        k.msg(e.session_id, e.message_id),
-                        k.stream(e.session_id, e.message_id),
-                        k.cancel(e.session_id, e.message_id),
-                    ]
-                    first = "" if e.sse_event == "chunk" else "1"
-                    args += [e.epoch, e.sse_event, e.seq, dumps(e.sse_data), first]
-                await self._write(keys=keys, args=args, client=pipe)
-            found = await pipe.execute()
+        calls: list[tuple[list[str], list[Arg]]] = []
+        for indexes in groups:
+            keys: list[str] = []
+            args: list[Arg] = [s.stream_maxlen, s.active_ttl_s]
+            for i in indexes:
+                e = events[i]
+                keys += [
+                    k.msg(e.session_id, e.message_id),
+                    k.stream(e.session_id, e.message_id),
+                    k.cancel(e.session_id, e.message_id),
+                ]
+                first = "" if e.sse_event == "chunk" else "1"
+                args += [e.epoch, e.sse_event, e.seq, dumps(e.sse_data), first]
+            calls.append((keys, args))
+        if len(calls) == 1:
+            # one call (always, on a single Redis): sent alone, not in a pipeline, which would
+            # first send SCRIPT EXISTS and wait for it (a second round trip every loop tick)
+            found = [await self._write(keys=calls[0][0], args=calls[0][1])]
+        else:  # a Redis Cluster: one EVAL per hash slot, pipelined (no script check there)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await self._write(keys=keys, args=args, client=pipe)
+                found = await pipe.execute()
         answers = [0] * len(events)
         for indexes, group_answers in zip(groups, found, strict=True):
             for i, answer in zip(indexes, group_answers, strict=True):

@@ -464,6 +464,28 @@ async def test_one_write_call_answers_each_event_of_many_messages_in_order(
     assert await events(state, "m-0", "s-0") == [("started", 1), ("chunk", 2)]
 
 
+async def test_a_batch_write_is_one_round_trip_without_a_script_check_first(
+    state: State, redis: Redis
+) -> None:
+    """The sink writes every loop tick: a pipeline holding a redis-py Script sends SCRIPT
+    EXISTS and waits for it before the pipeline itself, a second round trip per batch (on a
+    busy box, a second wait for the CPU). WRITE is sent alone (EVALSHA; redis-py loads it
+    when Redis answers NOSCRIPT, after a restart or SCRIPT FLUSH)."""
+    await queued(state)
+    run = await state.claim("m-1", "s-1", "u-1", A, NOW)
+
+    async def script_checks() -> int:
+        stats: dict[str, Any] = await redis.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    assert await write(state, "m-1", run.epoch, 1, first=True) == 0
+    before = await script_checks()
+    for seq in range(2, 6):
+        assert await write(state, "m-1", run.epoch, seq) == 0
+    assert await script_checks() == before
+    assert await events(state, "m-1") == [("started", 1)] + [("chunk", s) for s in range(2, 6)]
+
+
 async def test_a_run_taken_over_writes_nothing_more_and_cannot_refresh_or_finish(
     state: State, redis: Redis, keys: Keys
 ) -> None:
