@@ -372,7 +372,7 @@ class Handler:
         except ChatpipeError as e:
             wanted, reason = "failed", str(e)
             log.warning("stream failed: %s", e, extra=ids)
-        if coalescing:  # ended failed: what is held still goes before the terminal event
+        if coalescing:  # on a failure what is held still goes before the terminal (else a no-op)
             with contextlib.suppress(ChatpipeError):
                 await self.sink.release(req.message_id)
         return await self._finish(

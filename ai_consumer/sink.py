@@ -75,7 +75,6 @@ class Outgoing:
     traceparent: str | None = None
     epoch: str = ""  # the run's fencing token (Claim.epoch): its writes are refused once lost
     done: asyncio.Future[int] | None = None  # set by emit(): WRITTEN | CANCEL | LOST
-    count: int = 1  # tokens it carries (COALESCE_MS): seq .. seq + count - 1
 
 
 # What emit() answers: written; written and a cancel is requested (the caller stops); the run
@@ -534,5 +533,4 @@ class _Held:
             delta = out.sse_data["delta"] + "".join(self.deltas)
             out.sse_data = {**out.sse_data, "delta": delta, "count": count}
             out.kafka_value = {**out.kafka_value, "delta": delta, "count": count}
-            out.count = count
         return out
