@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +58,7 @@ from chatpipe.state import State
 
 log = logging.getLogger(__name__)
 
-# Redis errors after which a batch is sent again (WRITE skips what Redis holds already): the
+# Redis errors after which a batch is sent again (WRITE skips a call it ran already): the
 # server unreachable, or a Redis Cluster without a primary for a slot for the moment (a
 # replica being promoted answers CLUSTERDOWN / TRYAGAIN until the failover completes; the
 # script did not run)
@@ -111,6 +113,10 @@ class Sink:
         self._tick_s = settings.sink_tick_ms / 1000
         self._recheck_s = settings.lease_ms / 4000
         self._retry_s = settings.sink_redis_retry_s
+        # WRITE calls are numbered per writer: a batch sent again keeps its number, so Redis
+        # skips it if it ran it already (the only task that writes is _run: calls never overlap)
+        self._writer = secrets.token_hex(8)
+        self._calls = itertools.count(1)
         # murmur2 of each session key, computed once per message instead of once per chunk
         self._hashes: dict[bytes, int] = {}
         # a message's chunk records waiting for its window to close (RESPONSES_CHUNK_WINDOW_MS)
@@ -273,13 +279,14 @@ class Sink:
         """The batch's writes, sent again while Redis is unreachable for up to
         SINK_REDIS_RETRY_S (a failover, a proxy restart, a reset connection, a cluster down
         while a replica is promoted: the streams pause and go on). Sending again is safe: WRITE
-        skips the events Redis already holds."""
+        skips a call Redis ran already (the same call number)."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._retry_s
         delay = 0.05
+        call = next(self._calls)
         while True:
             try:
-                return await self.state.write(batch)
+                return await self.state.write(batch, self._writer, call)
             except TRANSIENT as e:
                 if loop.time() + delay > give_up:
                     raise

@@ -35,8 +35,9 @@ class Event:
 
 
 async def redis_usec(redis: Redis) -> float:
-    stats: dict[str, Any] = await redis.info("commandstats")
-    return float(sum(v["usec"] for v in stats.values()))
+    """The server's CPU time so far (user + system, its network I/O included), in µs."""
+    cpu: dict[str, Any] = await redis.info("cpu")
+    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6
 
 
 async def run(url: str, streams: int, batches: int) -> None:
@@ -62,14 +63,18 @@ async def run(url: str, streams: int, batches: int) -> None:
                 )
             await pipe.execute()
 
-    async def new(seq: int) -> None:
-        await state.write([Event(m, f"s-{m}", epochs[m], "chunk", seq, data) for m in ids])
+    calls = iter(range(1, 1 << 30))
 
+    async def new(seq: int) -> None:
+        events = [Event(m, f"s-{m}", epochs[m], "chunk", seq, data) for m in ids]
+        await state.write(events, "bench", next(calls))
+
+    seqs = iter(range(1, 1 << 30))  # every step writes new seqs: a seq written before is skipped
     for name, step in (("old MGET+XADD", old), ("new WRITE script", new)) * 2:
-        await step(0)  # warm up (scripts loaded)
+        await step(next(seqs))  # warm up (scripts loaded)
         server0, cpu0, wall0 = await redis_usec(redis), time.process_time(), time.perf_counter()
-        for seq in range(batches):
-            await step(seq)
+        for _ in range(batches):
+            await step(next(seqs))
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         server = await redis_usec(redis) - server0
         n = streams * batches

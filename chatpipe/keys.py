@@ -131,6 +131,11 @@ class Keys:
         """Private stream an api process writes to wake its own blocked XREAD of a bucket."""
         return f"{self.tagged(bucket)}wakeup:{instance_id}"
 
+    def wrote(self, writer: str, bucket: int) -> str:
+        """The number of a writer's (an ai_consumer's sink's) last WRITE call in a bucket: the
+        same call sent again after a lost connection finds it and writes nothing twice."""
+        return f"{self.tagged(bucket)}wrote:{writer}"
+
     def cancel_wakeup(self) -> str:
         """Pub/Sub channel: the api announces each accepted cancel so the ai_consumer that
         streams the message interrupts it at once (a wake-up only: Kafka and the flag carry it).

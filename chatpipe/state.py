@@ -682,21 +682,23 @@ class State:
             approximate=True,
         )
 
-    async def write(self, events: Sequence[Event]) -> list[int]:
+    async def write(self, events: Sequence[Event], writer: str, call: int) -> list[int]:
         """Append SSE events of runs, each fenced by its run's epoch (the WRITE script), in one
         round trip: one script call for all of them (one per hash slot on a Redis Cluster).
         The answer per event, in order: -1 the run lost the message (nothing written:
         write nothing more, to Kafka neither), 1 written and a cancel is requested, 0 written.
         An event other than a `chunk` is its run's first (started, restart): it gives the
-        stream its TTL while streaming. Safe to send again after a lost connection: events
-        Redis holds already are skipped."""
+        stream its TTL while streaming. `writer` names the caller (unique per process: a sink)
+        and `call` numbers its calls: the same call sent again (after a lost connection, Redis
+        may have run it) with the same number writes nothing twice. A writer's calls must not
+        overlap (the sink sends one at a time)."""
         k = self.keys
         s = self.settings
         groups = self._by_slot(range(len(events)), lambda i: k.bucket(events[i].session_id))
         calls: list[tuple[list[str], list[Arg]]] = []
         for indexes in groups:
-            keys: list[str] = []
-            args: list[Arg] = [s.stream_maxlen, s.active_ttl_s]
+            keys: list[str] = [k.wrote(writer, k.bucket(events[indexes[0]].session_id))]
+            args: list[Arg] = [s.stream_maxlen, s.active_ttl_s, call]
             for i in indexes:
                 e = events[i]
                 keys += [

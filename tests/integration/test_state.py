@@ -4,6 +4,7 @@ one final state, whoever races whom."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -19,6 +20,8 @@ from tests.support.wait import apoll
 
 A, B = "instance-a", "instance-b"
 NOW = "2024-05-01T10:00:00.000000Z"
+WRITER = "sink-1"  # WRITE calls are numbered per writer (a sink)
+CALLS = itertools.count(1)
 # distinct lifetimes, so each TTL read back says which rule set it
 TTLS = {
     "cancel_ttl_s": 60,
@@ -430,7 +433,9 @@ class Ev:
 
 async def write(state: State, message_id: str, epoch: str, seq: int, first: bool = False) -> int:
     (answer,) = await state.write(
-        [Ev(message_id, "s-1", epoch, seq, "started" if first else "chunk")]
+        [Ev(message_id, "s-1", epoch, seq, "started" if first else "chunk")],
+        "one-by-one",
+        next(CALLS),
     )
     return answer
 
@@ -453,15 +458,25 @@ async def test_one_write_call_answers_each_event_of_many_messages_in_order(
     assert await state.cancel("s-3", "m-3") == "cancelled"
     batch = [Ev(f"m-{i}", s, epochs[s], 1, "started") for i, s in enumerate(sessions)]
     batch.insert(1, Ev("m-0", "s-0", epochs["s-0"], 2))  # m-0's next event, same call
-    answers = await state.write(batch)
+    answers = await state.write(batch, WRITER, 7)
     assert answers == [0, 0, 0, -1, 1, 0, 0, 0, 0]
     assert await events(state, "m-0", "s-0") == [("started", 1), ("chunk", 2)]
     assert await events(state, "m-2", "s-2") == []
     assert await events(state, "m-3", "s-3") == [("started", 1)]
     assert 290 < await redis.ttl(keys.stream("s-5", "m-5")) <= 300
     # the same call again (a retry after a lost connection): nothing is written twice
-    assert await state.write(batch) == answers
+    assert await state.write(batch, WRITER, 7) == answers
     assert await events(state, "m-0", "s-0") == [("started", 1), ("chunk", 2)]
+    # another writer's call, or this writer's next one, is written
+    nxt = [Ev("m-0", "s-0", epochs["s-0"], 3)]
+    assert await state.write(nxt, WRITER, 8) == [0]
+    assert await state.write([Ev("m-0", "s-0", epochs["s-0"], 4)], "other", 7) == [0]
+    assert await events(state, "m-0", "s-0") == [
+        ("started", 1),
+        ("chunk", 2),
+        ("chunk", 3),
+        ("chunk", 4),
+    ]
 
 
 async def test_a_batch_write_is_one_round_trip_without_a_script_check_first(

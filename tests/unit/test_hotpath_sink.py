@@ -27,6 +27,7 @@ class FakeRedis:
     def __init__(self) -> None:
         self.flags: dict[str, bytes] = {}
         self.round_trips: list[list[Any]] = []
+        self.calls: list[tuple[str, int]] = []  # (writer, call number) of each round trip
         self.down = False
         self.fail_next = 0  # round trips that fail before Redis is back (a blip)
 
@@ -39,7 +40,7 @@ class FakeState:
         self.keys = keys
         self.redis = redis
 
-    async def write(self, events: Sequence[Outgoing]) -> list[int]:
+    async def write(self, events: Sequence[Outgoing], writer: str, call: int) -> list[int]:
         ops = [
             (
                 "write",
@@ -50,6 +51,7 @@ class FakeState:
             for e in events
         ]
         self.redis.round_trips.append(ops)
+        self.redis.calls.append((writer, call))
         await asyncio.sleep(0)  # sleep-ok: one loop step, as a real round trip yields
         if self.redis.down:
             raise ConnectionError("redis is away")
@@ -148,6 +150,8 @@ async def test_a_redis_blip_is_retried_and_every_emitter_gets_its_answer() -> No
         await sink.stop(flush_timeout=1)
     assert results == [WRITTEN, WRITTEN]
     assert len(redis.round_trips) == 3  # two lost, then the one that landed
+    # sent again as the same call (Redis skips a call it ran, had the first one landed)
+    assert len(set(redis.calls)) == 1
     assert sorted(r["value"]["message_id"] for r in producer.sent) == ["m1", "m2"]  # once each
 
 
