@@ -1,5 +1,6 @@
 """PNG plots of a sweep, for docs/benchmarks.md: token p99 and CPU per chunk against the number
-of concurrent streams, one line per system. `python -m bench` draws them beside its report when
+of concurrent streams, one line per system; the same two for the fast-model rows (100 tokens/s,
+scenario "fast") when the report has them. `python -m bench` draws them beside its report when
 matplotlib is installed (`pip install -e '.[bench]'`); `python -m bench.plots RESULTS.json`
 draws them from a results file.
 
@@ -26,12 +27,12 @@ def token_p99_ms(r: Run) -> float:
 
 
 def series(
-    report: dict[str, Any], value: Callable[[Run], float]
+    report: dict[str, Any], value: Callable[[Run], float], scenario: str = "sweep"
 ) -> dict[str, list[tuple[int, float]]]:
-    """system -> [(n, value)] over the report's sweep runs, by n."""
+    """system -> [(n, value)] over the report's runs of `scenario`, by n."""
     found: dict[str, list[tuple[int, float]]] = {}
     for r in report["runs"]:
-        if r["scenario"] == "sweep":
+        if r["scenario"] == scenario:
             found.setdefault(r["system"], []).append((int(r["n"]), value(r)))
     ordered = sorted(found, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s))
     return {s: sorted(found[s]) for s in ordered}
@@ -43,18 +44,30 @@ PLOTS: list[tuple[str, str, Callable[[Run], float], float | None]] = [
 ]
 
 
+def scenarios(report: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(scenario, file name part, tokens/s) of each plotted scenario: the sweep, then the
+    fast-model rows."""
+    params = report["params"]
+    return [
+        ("sweep", "", 1000 / float(params["token_delay_ms"])),
+        ("fast", "-fast", 1000 / float(params.get("fast_token_delay_ms", 10.0))),
+    ]
+
+
 def draw(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
-    """One PNG per plot in `out_dir` ({stem}-token-p99.png, {stem}-cpu-per-chunk.png); none
-    when the report has no sweep run."""
+    """One PNG per plot and scenario in `out_dir` ({stem}-token-p99.png,
+    {stem}-cpu-per-chunk.png, and {stem}-fast-*.png for the fast-model rows); none for a
+    scenario the report has no run of."""
     import matplotlib  # the bench extra: imported only when drawing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rate = 1000 / float(report["params"]["token_delay_ms"])
     written: list[Path] = []
-    for name, label, value, limit in PLOTS:
-        lines = series(report, value)
+    for (scenario, part, rate), (name, label, value, limit) in (
+        (s, p) for s in scenarios(report) for p in PLOTS
+    ):
+        lines = series(report, value, scenario)
         if not lines:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
@@ -68,7 +81,7 @@ def draw(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out_dir / f"{stem}-{name}.png"
+        path = out_dir / f"{stem}{part}-{name}.png"
         fig.savefig(path)
         plt.close(fig)
         written.append(path)

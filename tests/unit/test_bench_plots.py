@@ -28,6 +28,8 @@ REPORT: dict[str, Any] = {
         run("chatpipe", 200, 20.0, 170.0, 56.0),
         run("chatpipe", 100, 10.0, 180.0, 60.0),
         {**run("chatpipe", 200, 900.0, 1.0, None), "scenario": "burst"},  # not a sweep run
+        {**run("chatpipe", 100, 40.0, 90.0, 30.0), "scenario": "fast"},
+        {**run("seed", 100, 20.0, 100.0, 4.0), "scenario": "fast"},
     ],
 }
 
@@ -38,15 +40,22 @@ def test_cpu_per_chunk_counts_the_broker_for_chatpipe_only() -> None:
     assert cpu["chatpipe"] == [(100, 240.0), (200, 226.0)]
     assert cpu["seed"] == [(200, 119.0)]
     assert plots.series(REPORT, plots.token_p99_ms)["chatpipe"] == [(100, 10.0), (200, 20.0)]
+    fast = plots.series(REPORT, plots.cpu_us_per_chunk, "fast")
+    assert fast == {"chatpipe": [(100, 120.0)], "seed": [(100, 100.0)]}
 
 
-def test_draw_writes_one_png_per_plot(tmp_path: Path) -> None:
+def test_draw_writes_one_png_per_plot_and_scenario(tmp_path: Path) -> None:
     written = plots.draw(REPORT, tmp_path, "full-x")
-    assert [p.name for p in written] == ["full-x-token-p99.png", "full-x-cpu-per-chunk.png"]
+    assert [p.name for p in written] == [
+        "full-x-token-p99.png",
+        "full-x-cpu-per-chunk.png",
+        "full-x-fast-token-p99.png",
+        "full-x-fast-cpu-per-chunk.png",
+    ]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert p.stat().st_size > 5_000  # axes, lines and labels drawn
 
 
 def test_a_report_without_a_sweep_draws_nothing(tmp_path: Path) -> None:
-    assert plots.draw({**REPORT, "runs": REPORT["runs"][3:]}, tmp_path, "s") == []
+    assert plots.draw({**REPORT, "runs": REPORT["runs"][3:4]}, tmp_path, "s") == []
