@@ -410,14 +410,54 @@ class Sink:
 
     async def _run_kafka(self) -> None:
         while True:
-            records = await self._kafka.get()
+            items = [await self._kafka.get()]
+            # what queued meanwhile (while the last batches waited for their turn) leaves with it
+            while not self._kafka.empty():
+                items.append(self._kafka.get_nowait())
             try:
-                records = await self._still_ours(self._fresh(records))
-                partitions = self._partitions()
-                for record in records:
-                    await self._send(record, partitions)
+                fresh = [r for item in items for r in self._fresh(item)]
+                await self._send_all(await self._still_ours(fresh), self._partitions())
             finally:
-                self._kafka.task_done()
+                for _ in items:
+                    self._kafka.task_done()
+
+    async def _send_all(self, records: list[_Record], partitions: list[int] | None) -> None:
+        """Send `records` in order: the chunk records of a partition as one batch (aiokafka's
+        create_batch/send_batch: one future per batch, not one per record: a fifth of the
+        producer's CPU per record); a terminal record alone (its publish() waits for its own
+        ack), after the batch of the chunks before it in its partition."""
+        batches: dict[int, Any] = {}
+        for record in records:
+            partition = self._partition(record.key, partitions)
+            if partition is None or record.delivered is not None:
+                if partition is not None and partition in batches:
+                    await self._send_batch(batches.pop(partition), partition)
+                await self._send(record, partition)
+                continue
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = self.producer.create_batch()
+            if not self._append(batch, record):  # full: it leaves, the record opens the next
+                await self._send_batch(batch, partition)
+                batch = batches[partition] = self.producer.create_batch()
+                self._append(batch, record)  # an empty batch takes any record
+        for partition, batch in batches.items():
+            await self._send_batch(batch, partition)
+
+    @staticmethod
+    def _append(batch: Any, record: _Record) -> bool:
+        added = batch.append(
+            key=record.key, value=record.value, timestamp=None, headers=record.headers
+        )
+        return added is not None
+
+    async def _send_batch(self, batch: Any, partition: int) -> None:
+        try:
+            fut = await self.producer.send_batch(batch, self.topic, partition)
+        except Exception as e:
+            self._failed(e)
+        else:
+            fut.add_done_callback(self._on_sent)
 
     async def _still_ours(self, records: list[_Record]) -> list[_Record]:
         """Chunk records whose Redis check is older than a quarter lease (the process was
@@ -443,14 +483,14 @@ class Sink:
         self.metrics.fenced_writes.inc(len(records) - len(kept))
         return kept
 
-    async def _send(self, record: _Record, partitions: list[int] | None) -> None:
+    async def _send(self, record: _Record, partition: int | None) -> None:
         try:
             fut = await self.producer.send(
                 self.topic,
                 record.value,
                 key=record.key,
                 headers=record.headers,
-                partition=self._partition(record.key, partitions),
+                partition=partition,
             )
         except Exception as e:
             self._failed(e)

@@ -304,6 +304,21 @@ class Producer:
         future.add_done_callback(functools.partial(self._check, inner))
         return future
 
+    def create_batch(self) -> Any:
+        """An empty aiokafka BatchBuilder (public API: `append(key=, value=, timestamp=,
+        headers=)` returns None once it is full) for `send_batch`."""
+        return self._inner.create_batch()
+
+    async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+        """Enqueue a batch of records for one partition, after the partition's batches enqueued
+        before it (it waits until the last of them has left); the future resolves once the
+        broker acked the whole batch. One future per batch instead of one per record."""
+        await self._ready()
+        inner = self._inner
+        future: asyncio.Future[Any] = await inner.send_batch(batch, topic, partition=partition)
+        future.add_done_callback(functools.partial(self._check, inner))
+        return future
+
     async def send_and_wait(
         self,
         topic: str,

@@ -74,6 +74,31 @@ class FakeProducer:
         fut.set_result(None)
         return fut
 
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, partition: int
+    ) -> asyncio.Future[None]:
+        for record in batch.records:
+            await self.send(topic, partition=partition, **record)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+class FakeBatch:
+    """aiokafka's BatchBuilder: `append` answers None once full (here: after 4 records)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def append(self, *, key: bytes, value: bytes, timestamp: None, headers: Any) -> object | None:
+        if len(self.records) == 4:
+            return None
+        self.records.append({"key": key, "value": value, "headers": headers})
+        return object()
+
 
 def build(**settings_overrides: Any) -> tuple[Sink, FakeRedis, FakeProducer]:
     settings = Settings(**settings_overrides)
@@ -114,9 +139,26 @@ async def test_a_tick_is_one_round_trip_and_each_emitter_gets_its_own_flag() -> 
     assert [(op[1], op[2]["s"]) for op in ops] == [
         (sink.keys.stream(f"s-{m}", m), seq) for seq in range(3) for m in ("m1", "m2", "m3")
     ]
-    assert [(r["value"]["message_id"], r["value"]["seq"]) for r in producer.sent] == [
+    # every record once; each partition's in the order emitted (Kafka's only order)
+    sent = [(r["partition"], r["value"]["message_id"], r["value"]["seq"]) for r in producer.sent]
+    assert sorted((m, seq) for _, m, seq in sent) == sorted(
         (m, seq) for seq in range(3) for m in ("m1", "m2", "m3")
-    ]
+    )
+    for partition in {p for p, _, _ in sent}:
+        mine = [(m, seq) for p, m, seq in sent if p == partition]
+        assert mine == sorted(mine, key=lambda ms: (ms[1], ms[0]))
+
+
+async def test_a_full_batch_leaves_and_the_next_record_opens_another_in_order() -> None:
+    sink, _, producer = build()
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(sink.emit(chunk("m1", seq)) for seq in range(10)))
+            await sink.publish("s-m1", "chat.completed", {"message_id": "m1", "seq": 10})
+    finally:
+        await sink.stop(flush_timeout=1)
+    assert [r["value"]["seq"] for r in producer.sent] == list(range(11))
 
 
 async def test_a_terminal_leaves_after_its_chunks_with_its_headers() -> None:
@@ -198,6 +240,12 @@ class StalledProducer(FakeProducer):
     async def send(self, topic: str, value: bytes, **kw: Any) -> asyncio.Future[None]:
         await self.back.wait()
         return await super().send(topic, value, **kw)
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, partition: int
+    ) -> asyncio.Future[None]:
+        await self.back.wait()
+        return await super().send_batch(batch, topic, partition)
 
 
 async def test_chunk_records_waiting_for_kafka_are_bounded_and_terminals_still_leave() -> None:
