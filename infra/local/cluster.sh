@@ -5,7 +5,7 @@
 # redis-server), on 127.0.0.1, no Docker. Data, logs and pid files of each node live under one
 # stack folder, so the single-node stack, CI's and this one can run at once.
 #
-# Usage: infra/local/cluster.sh start|stop|status|wipe|env|ports
+# Usage: infra/local/cluster.sh start|stop|status|wipe|env|ports|stale
 #        infra/local/cluster.sh stop-node|kill-node|start-node NODE   (kafka-1..3, redis-1..6)
 # `start` is a no-op for what runs already; its last line is the environment for clients.
 #
@@ -136,7 +136,7 @@ start_kafka_node() {  # start_kafka_node N
   setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "${d}/pid" \
     java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -Djava.awt.headless=true -Dlog4j2.configurationFile="${d}/log4j2.xml" \
-    -cp "${KAFKA_LIB}/*" kafka.Kafka "${d}/server.properties" </dev/null >>"${d}/kafka.out" 2>&1 &
+    -cp "${KAFKA_LIB}/*" kafka.Kafka "${d}/server.properties" </dev/null >>"${d}/kafka.out" 2>&1 9>&- &
   log "starting kafka-${n} on ${HOST}:$(broker_port "$n") (controller $(controller_port "$n"))"
 }
 
@@ -152,10 +152,31 @@ start_redis_node() {  # start_redis_node N
   port="$(redis_port "$n")"
   if pid="$(alive "${d}/pid")"; then log "redis-${n} already running (pid ${pid})"; return 0; fi
   mkdir -p "$d"
+  echo "$port" >"${d}/port"
   redis-server --bind "$HOST" --port "$port" --protected-mode yes --daemonize yes \
     --cluster-enabled yes --cluster-config-file "${d}/nodes.conf" --cluster-node-timeout 3000 \
-    --appendonly yes --save "" --dir "$d" --pidfile "${d}/pid" --logfile "${d}/redis.log"
+    --appendonly yes --save "" --dir "$d" --pidfile "${d}/pid" --logfile "${d}/redis.log" 9>&-
   log "starting redis-${n} on ${HOST}:${port}"
+}
+
+redis_stale_nodes() {  # the Redis nodes whose folder was made for another port (printed)
+  local i d
+  for i in "${REDIS_NODES[@]}"; do
+    d="$(node_dir "redis-$i")"
+    if [[ -f "${d}/nodes.conf" && "$(cat "${d}/port" 2>/dev/null)" != "$(redis_port "$i")" ]]; then
+      echo "redis-$i"
+    fi
+  done
+}
+
+restart_stale_redis() {  # a folder from before the ports moved: its nodes.conf names peers on
+  # the old ports and the nodes never form a cluster. The data is a test stack's: start the
+  # Redis Cluster afresh (every node: a partly old cluster would not form either)
+  local stale i
+  stale="$(redis_stale_nodes)"
+  [[ -n "$stale" ]] || return 0
+  log "Redis node folders made for other ports (${stale//$'\n'/ }): starting the Redis Cluster afresh"
+  for i in "${REDIS_NODES[@]}"; do stop_node "redis-$i"; rm -rf "$(node_dir "redis-$i")"; done
 }
 
 redis_node_answers() { [[ "$(redis-cli -h "$HOST" -p "$(redis_port "$1")" ping 2>/dev/null)" == PONG ]]; }
@@ -179,6 +200,7 @@ start() {
   command -v redis-server >/dev/null || apt-get install -y -qq redis-server >/dev/null
   local i
   for i in "${KAFKA_NODES[@]}"; do start_kafka_node "$i"; done
+  restart_stale_redis
   for i in "${REDIS_NODES[@]}"; do start_redis_node "$i"; done
   for i in "${REDIS_NODES[@]}"; do wait_for "redis-${i}" redis_node_answers "$i"; done
   if ! redis_cluster_ok; then
@@ -252,8 +274,9 @@ start_locked() {
     flock -w $((STACK_TIMEOUT * 4)) 9 || { echo "another cluster.sh start is busy with ${DIR}" >&2; exit 1; }
   fi
   start
-  # the nodes started inherit the descriptor: unlock it for all of them, then close ours
-  if command -v flock >/dev/null 2>&1; then flock -u 9; fi
+  # the nodes start without the lock's descriptor (9>&-): had they inherited it, a start that
+  # failed half-way (die) would leave the lock held by its nodes, and every later start would
+  # wait for it and fail as "busy" (seen, 2026-12-06)
   exec 9>&-
 }
 
@@ -266,6 +289,7 @@ main() {
     wipe) stop_all; rm -rf "$DIR"; log "removed ${DIR}" ;;
     env) print_env ;;
     ports) print_ports ;;
+    stale) redis_stale_nodes ;;
     stop-node) stop_node "${2:?a node name}" TERM ;;
     kill-node) stop_node "${2:?a node name}" KILL ;;
     start-node) start_node "${2:?a node name}" ;;

@@ -70,3 +70,32 @@ def test_every_stack_listens_outside_the_ephemeral_range_and_on_ports_of_its_own
             assert not low <= port <= high, f"{name} on {port}: in the ephemeral range {low}-{high}"
             assert port not in seen, f"{name} and {seen[port]} both on {port}"
             seen[port] = name
+
+
+def stale_nodes(state_dir: Path) -> list[str]:
+    out = subprocess.run(
+        [str(ROOT / "infra" / "local" / "cluster.sh"), "stale"],
+        env={**os.environ, "CHATPIPE_CLUSTER_DIR": str(state_dir), "CLUSTER_REDIS_PORT": "21001"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.split()
+
+
+def test_a_redis_node_state_made_for_other_ports_is_found_stale(tmp_path: Path) -> None:
+    """A dev cluster folder from before the ports moved (27001.. to 21001..): each node's
+    nodes.conf names peers on the old ports, the nodes never form a cluster, and `start`
+    waited 90 s and failed (seen on this machine, 2026-12-06). `start` starts such nodes
+    afresh; `stale` names them."""
+    assert stale_nodes(tmp_path) == []  # a new folder: nothing to start afresh
+    for n in (1, 2):
+        node = tmp_path / f"redis-{n}"
+        node.mkdir()
+        (node / "nodes.conf").write_text(f"abc 127.0.0.1:{27000 + n}@37001 myself,master\n")
+    (tmp_path / "redis-2" / "port").write_text("21002\n")  # made for today's port
+    assert stale_nodes(tmp_path) == ["redis-1"]
+    (tmp_path / "redis-1" / "port").write_text("27001\n")
+    assert stale_nodes(tmp_path) == ["redis-1"]
+    (tmp_path / "redis-1" / "port").write_text("21001\n")
+    assert stale_nodes(tmp_path) == []
