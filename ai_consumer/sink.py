@@ -423,7 +423,7 @@ class Sink:
 
     async def _send_all(self, records: list[_Record], partitions: list[int] | None) -> None:
         """Send `records` in order: the chunk records of a partition as one batch (aiokafka's
-        create_batch/send_batch: one future per batch, not one per record: a fifth of the
+        create_batch/send_batch: one future per batch, not one per record: under a third of the
         producer's CPU per record); a terminal record alone (its publish() waits for its own
         ack), after the batch of the chunks before it in its partition."""
         batches: dict[int, Any] = {}
