@@ -13,7 +13,7 @@ def main() -> None:
     settings = Settings()
     setup_logging(settings, "ai_consumer")
     freeze_startup(settings.gc_freeze)  # what imports left: out of the GC's way
-    run_service(serve(settings), "ai_consumer")
+    run_service(serve(settings), "ai_consumer", settings.event_loop)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def main() -> None:
             access_log=False,
             timeout_graceful_shutdown=5,
             timeout_keep_alive=settings.api_keep_alive_s,
+            loop=settings.event_loop,  # uvicorn's names: auto (uvloop when installed), asyncio, uvloop
         )
     )
     exiting.follow(lambda: server.should_exit)

@@ -70,7 +70,7 @@ def main() -> None:
     settings = Settings()
     setup_logging(settings, "cancel_listener")
     freeze_startup(settings.gc_freeze)  # what imports left: out of the GC's way
-    run_service(serve(settings), "cancel_listener")
+    run_service(serve(settings), "cancel_listener", settings.event_loop)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # --- process identity --------------------------------------------------------------
     instance_id: str = Field(default_factory=_default_instance_id)
     log_level: str = "INFO"
+    # every process's event loop: auto = uvloop's when it is installed (it is a dependency,
+    # except on Windows), else asyncio's; asyncio = always asyncio's (docs/operations.md)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_format: Literal["json", "text"] = "json"
     # ai_consumer / cancel_listener: serve /metrics on this port; 0 = a free port the OS picks
     # (logged: `metrics listening on http://host:port/metrics`), so several processes share
