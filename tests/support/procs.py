@@ -34,11 +34,43 @@ ROOT = Path(__file__).resolve().parents[2]
 Line = dict[str, Any]
 
 
+# Ports handed out here: below the kernel's ephemeral range (32768 and up on Linux), where no
+# outgoing connection takes one as its local port between `free_port()` and the process's bind
+# (tests/unit/test_free_port.py), and apart from every stack's ports (9092/9093/6379, CI's
+# 19092/19093/16379, the bench's 16399, the cluster stacks' 21001.., 22001.., 24092.., 29092..,
+# buses 31001.., 32001..): one range per pytest-xdist worker, one for a session without xdist.
+_RANGES = {"": range(17000, 19000), "gw0": range(10000, 13000), "gw1": range(13000, 16000)}
+_RANGES["gw2"] = range(25000, 28000)
+_given: set[int] = set()  # this session's ports: each handed out once
+
+
+def port_range(worker: str) -> range:
+    """The ports of a pytest-xdist worker ("" without xdist); empty for a worker beyond gw2
+    (its ports come from the kernel)."""
+    return _RANGES.get(worker, range(0))
+
+
+def _binds(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A port nobody listens on right now (bind port 0, read it, close)."""
+    """A port nobody listens on right now, not handed out before in this session, from this
+    worker's range below the ephemeral ports; from the kernel (bind port 0) once the range is
+    used up."""
+    for port in port_range(os.environ.get("PYTEST_XDIST_WORKER", "")):
+        if port not in _given and _binds(port):
+            _given.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
+        _given.add(port)
         return port
 
 
