@@ -39,8 +39,12 @@ Line = dict[str, Any]
 # (tests/unit/test_free_port.py), and apart from every stack's ports (9092/9093/6379, CI's
 # 19092/19093/16379, the bench's 16399, the cluster stacks' 21001.., 22001.., 24092.., 29092..,
 # buses 31001.., 32001..): one range per pytest-xdist worker, one for a session without xdist.
-_RANGES = {"": range(17000, 19000), "gw0": range(10000, 13000), "gw1": range(13000, 16000)}
-_RANGES["gw2"] = range(25000, 28000)
+_RANGES = {
+    "": range(17000, 19000),
+    "gw0": range(10000, 13000),
+    "gw1": range(13000, 16000),
+    "gw2": range(25000, 28000),
+}
 _given: set[int] = set()  # this session's ports: each handed out once
 
 

@@ -30,12 +30,17 @@ def test_the_default_is_uvloop_and_asyncio_can_be_asked_for() -> None:
     assert loop_module_of_run("asyncio").startswith("asyncio")
 
 
+async def never_run() -> None:
+    """A service's main coroutine that must not start: its loop cannot be made."""
+    raise AssertionError("ran without its event loop")
+
+
 def test_auto_without_uvloop_falls_back_and_uvloop_without_it_says_what_to_do(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with mock.patch.dict(sys.modules, {"uvloop": None}):  # `import uvloop` raises ImportError
         assert loop_factory("auto") == ("asyncio", None)
         with pytest.raises(SystemExit) as exited:
-            run_service(asyncio.sleep(0), "test", "uvloop")
+            run_service(never_run(), "test", "uvloop")
     assert exited.value.code == 1
     assert "pip install uvloop, or set EVENT_LOOP=auto" in caplog.text
