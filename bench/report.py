@@ -234,6 +234,12 @@ def comparison(report: dict[str, Any]) -> list[Table]:
     for r in rows:
         by = r["redis"]["by_command_per_1000_chunks"]
         redis.add(r["system"], ", ".join(f"{k} {v:g}" for k, v in list(by.items())[:8]))
+        spent = r["redis"].get("command_ms_per_1000_chunks")
+        if spent:
+            redis.add(
+                f"{r['system']}, Redis time in µs per chunk",
+                ", ".join(f"{k} {v:g}" for k, v in list(spent.items())[:8]),
+            )
         cluster = r["redis"].get("cluster")
         if cluster:
             per = 1000 / max(1, r["chunks"])

@@ -235,6 +235,16 @@ class RedisProbe:
         }
 
     @staticmethod
+    def _usec(stats: dict[str, Any]) -> dict[str, int]:
+        """Microseconds Redis spent in each command (a script's inner commands are counted in
+        the script's EVALSHA and again on their own)."""
+        return {
+            k.removeprefix("cmdstat_"): int(v["usec"])
+            for k, v in stats.items()
+            if k.startswith("cmdstat_") and isinstance(v, dict) and "usec" in v
+        }
+
+    @staticmethod
     def _cpu(info: dict[str, Any]) -> float:
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
@@ -268,6 +278,7 @@ class RedisProbe:
                     "port": int(info.get("tcp_port") or node.port),
                     "run_id": str(info.get("run_id", "")),
                     "calls": self._calls(info),
+                    "usec": self._usec(info),
                     "cpu_s": self._cpu(info),
                 }
             if not failed or attempt == 2:
@@ -282,19 +293,23 @@ class RedisProbe:
         if self.cluster is not None:
             nodes = self.nodes(refresh)
             calls: dict[str, int] = {}
+            usec: dict[str, int] = {}
             for node in nodes.values():
                 if node["role"] == "primary":
                     for k, v in node["calls"].items():
                         calls[k] = calls.get(k, 0) + v
+                    for k, v in node["usec"].items():
+                        usec[k] = usec.get(k, 0) + v
             return {
                 "calls": calls,
+                "usec": usec,
                 "cpu_s": sum(n["cpu_s"] for n in nodes.values()),
                 "nodes": nodes,
             }
         assert self.client is not None
         stats = self.client.info("commandstats")
         cpu = self.client.info("cpu")
-        return {"calls": self._calls(stats), "cpu_s": self._cpu(cpu)}
+        return {"calls": self._calls(stats), "usec": self._usec(stats), "cpu_s": self._cpu(cpu)}
 
     def local_pids(self, snapshot: dict[str, Any]) -> dict[str, int]:
         """Cluster only: `redis-server:PORT (role)` -> pid of each node that runs on this
@@ -327,6 +342,8 @@ class RedisProbe:
             },
             "cpu_s": round(cpu, 3),
             "cpu_ms_per_1000_chunks": round(cpu * 1000 * per, 2),
+            # ms of Redis time per 1k chunks (= µs per chunk), by command, largest first
+            "command_ms_per_1000_chunks": self._spent(before, after, per),
         }
         if "nodes" in after:
             out.update(self._cluster_delta(before["nodes"], after["nodes"], per))
@@ -334,6 +351,16 @@ class RedisProbe:
             out["cpu_s"] = round(cpu, 3)
             out["cpu_ms_per_1000_chunks"] = round(cpu * 1000 * per, 2)
         return out
+
+    @staticmethod
+    def _spent(before: dict[str, Any], after: dict[str, Any], per: float) -> dict[str, float]:
+        was = before.get("usec", {})
+        spent = {
+            k: (v - was.get(k, 0)) * per / 1000
+            for k, v in after.get("usec", {}).items()
+            if k not in OWN_COMMANDS and v > was.get(k, 0)
+        }
+        return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
     @staticmethod
     def _cluster_delta(
