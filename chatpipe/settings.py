@@ -114,8 +114,9 @@ class Settings(BaseSettings):
     sse_client_queue: int = 1024
     sse_unknown_grace_ms: int = 1500
     # perf (docs/benchmarks.md): the SSE hub issues at most one XREAD per this many ms, so a
-    # busy api reads many chunks per round trip (fewer commands, less CPU) for <= this delay
-    sse_read_interval_ms: float = 10.0
+    # busy api reads many chunks per round trip (fewer commands, less CPU) for <= this delay.
+    # An XREAD names every watched stream: its cost grows with the streams, not the entries
+    sse_read_interval_ms: float = 20.0
     api_kafka_timeout_s: float = 5.0
     # DELETE /api/sessions/{id}: how long it waits for the session's messages to stop
     session_delete_wait_s: float = 10.0
@@ -212,7 +213,9 @@ class Settings(BaseSettings):
     # this (dropped, counted; terminal events never are): ai_consumer/sink.py
     sink_kafka_max_pending: int = 100_000
     sink_chunk_max_age_s: float = 30.0
-    sink_tick_ms: float = 5.0
+    # perf (docs/benchmarks.md): the sink writes to Redis at most once per this many ms, with
+    # everything emitted meanwhile in one WRITE call; a chunk waits <= this before its XADD
+    sink_tick_ms: float = 10.0
     # chat.responses: the chunk records of one message within this many ms leave as one
     # record (its first `seq`, `count` chunks, their deltas joined; contract 1.7.0); terminal
     # and started events flush the message's open record first and never wait. 0 (the
