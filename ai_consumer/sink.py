@@ -111,6 +111,11 @@ class Sink:
         self._max_age_s = settings.sink_chunk_max_age_s
         self._dropped = 0
         self._tick_s = settings.sink_tick_ms / 1000
+        # the messages of the batch taken last: a message that emits again before the next
+        # batch is taken has a model faster than the tick (each chunk waits for its write's
+        # answer), and the tick would set its pace; its event cuts the tick short (`_hurry`)
+        self._last_batch: set[str] = set()
+        self._hurry = asyncio.Event()
         self._recheck_s = settings.lease_ms / 4000
         self._retry_s = settings.sink_redis_retry_s
         # WRITE calls are numbered per writer: a batch sent again keeps its number, so Redis
@@ -157,6 +162,8 @@ class Sink:
         out.done = done
         if not self._pending:  # the first event of a new batch
             self._wake.set()
+        if out.message_id in self._last_batch:
+            self._hurry.set()
         self._pending.append(out)
         return await done
 
@@ -246,13 +253,18 @@ class Sink:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # at most one round trip per tick: what arrives meanwhile rides along
+            # at most one round trip per tick: what arrives meanwhile rides along; unless a
+            # message of the last batch is already back (see `_last_batch`)
             wait = last + self._tick_s - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._hurry.wait()
+            self._hurry.clear()
             last = loop.time()
             batch, self._pending = self._pending, []
             if batch:
+                self._last_batch = {out.message_id for out in batch}
                 await self._flush(batch)
 
     def _partition(self, key: bytes, partitions: Sequence[int] | None = None) -> int | None:
