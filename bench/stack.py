@@ -227,21 +227,14 @@ class RedisProbe:
         self.client: redis.Redis | None = None if cluster else redis.Redis.from_url(url)
 
     @staticmethod
-    def _calls(stats: dict[str, Any]) -> dict[str, int]:
+    def _per_command(stats: dict[str, Any], field: str) -> dict[str, int]:
+        """One field of INFO commandstats per command: `calls`, or `usec` (microseconds spent
+        in it; a script's inner commands are counted in the script's EVALSHA and again on
+        their own)."""
         return {
-            k.removeprefix("cmdstat_"): int(v["calls"])
+            k.removeprefix("cmdstat_"): int(v[field])
             for k, v in stats.items()
-            if k.startswith("cmdstat_") and isinstance(v, dict)
-        }
-
-    @staticmethod
-    def _usec(stats: dict[str, Any]) -> dict[str, int]:
-        """Microseconds Redis spent in each command (a script's inner commands are counted in
-        the script's EVALSHA and again on their own)."""
-        return {
-            k.removeprefix("cmdstat_"): int(v["usec"])
-            for k, v in stats.items()
-            if k.startswith("cmdstat_") and isinstance(v, dict) and "usec" in v
+            if k.startswith("cmdstat_") and isinstance(v, dict) and field in v
         }
 
     @staticmethod
@@ -277,8 +270,8 @@ class RedisProbe:
                     "role": "primary" if info.get("role") == "master" else "replica",
                     "port": int(info.get("tcp_port") or node.port),
                     "run_id": str(info.get("run_id", "")),
-                    "calls": self._calls(info),
-                    "usec": self._usec(info),
+                    "calls": self._per_command(info, "calls"),
+                    "usec": self._per_command(info, "usec"),
                     "cpu_s": self._cpu(info),
                 }
             if not failed or attempt == 2:
@@ -292,24 +285,25 @@ class RedisProbe:
         """Calls by command and CPU seconds (see the class); `refresh` as in `nodes`."""
         if self.cluster is not None:
             nodes = self.nodes(refresh)
-            calls: dict[str, int] = {}
-            usec: dict[str, int] = {}
+            summed: dict[str, dict[str, int]] = {"calls": {}, "usec": {}}
             for node in nodes.values():
                 if node["role"] == "primary":
-                    for k, v in node["calls"].items():
-                        calls[k] = calls.get(k, 0) + v
-                    for k, v in node["usec"].items():
-                        usec[k] = usec.get(k, 0) + v
+                    for field, total in summed.items():
+                        for k, v in node[field].items():
+                            total[k] = total.get(k, 0) + v
             return {
-                "calls": calls,
-                "usec": usec,
+                **summed,
                 "cpu_s": sum(n["cpu_s"] for n in nodes.values()),
                 "nodes": nodes,
             }
         assert self.client is not None
         stats = self.client.info("commandstats")
         cpu = self.client.info("cpu")
-        return {"calls": self._calls(stats), "usec": self._usec(stats), "cpu_s": self._cpu(cpu)}
+        return {
+            "calls": self._per_command(stats, "calls"),
+            "usec": self._per_command(stats, "usec"),
+            "cpu_s": self._cpu(cpu),
+        }
 
     def local_pids(self, snapshot: dict[str, Any]) -> dict[str, int]:
         """Cluster only: `redis-server:PORT (role)` -> pid of each node that runs on this
@@ -324,13 +318,7 @@ class RedisProbe:
         return {local[port]: pids[port] for port in sorted(local) if port in pids}
 
     def delta(self, before: dict[str, Any], after: dict[str, Any], chunks: int) -> dict[str, Any]:
-        calls = {
-            k: v - before["calls"].get(k, 0)
-            for k, v in after["calls"].items()
-            if v - before["calls"].get(k, 0) > 0
-        }
-        for own in OWN_COMMANDS:
-            calls.pop(own, None)
+        calls = self._grown(before, after, "calls")
         total = sum(calls.values())
         cpu = after["cpu_s"] - before["cpu_s"]
         per = 1000 / chunks if chunks else 0.0
@@ -343,7 +331,12 @@ class RedisProbe:
             "cpu_s": round(cpu, 3),
             "cpu_ms_per_1000_chunks": round(cpu * 1000 * per, 2),
             # ms of Redis time per 1k chunks (= µs per chunk), by command, largest first
-            "command_ms_per_1000_chunks": self._spent(before, after, per),
+            "command_ms_per_1000_chunks": {
+                k: round(v * per / 1000, 2)
+                for k, v in sorted(
+                    self._grown(before, after, "usec").items(), key=lambda kv: -kv[1]
+                )
+            },
         }
         if "nodes" in after:
             out.update(self._cluster_delta(before["nodes"], after["nodes"], per))
@@ -353,14 +346,15 @@ class RedisProbe:
         return out
 
     @staticmethod
-    def _spent(before: dict[str, Any], after: dict[str, Any], per: float) -> dict[str, float]:
-        was = before.get("usec", {})
-        spent = {
-            k: (v - was.get(k, 0)) * per / 1000
-            for k, v in after.get("usec", {}).items()
+    def _grown(before: dict[str, Any], after: dict[str, Any], field: str) -> dict[str, int]:
+        """Per command, how much `field` (calls, usec) grew over the run; the probe's own
+        commands left out."""
+        was = before.get(field, {})
+        return {
+            k: v - was.get(k, 0)
+            for k, v in after.get(field, {}).items()
             if k not in OWN_COMMANDS and v > was.get(k, 0)
         }
-        return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
     @staticmethod
     def _cluster_delta(
